@@ -1,0 +1,1 @@
+"""dclip's library: pure, testable pieces that know nothing of DVC or params.yaml."""

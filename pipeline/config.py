@@ -1,0 +1,268 @@
+"""Typed, validated params.
+
+One pydantic model per params section; `load_params` validates the whole file before any stage
+does any work, and every problem is reported with its dotted key and the offending value.
+Relative paths in params are relative to the params file's folder (the repository root).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+Count = Annotated[int, Field(ge=0, strict=True)]
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message names the file, each key and its value."""
+
+
+class Section(BaseModel):
+    # Unknown keys are errors, and "3" is not silently taken for 3.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# --- world: the demo world generator ---------------------------------------------------------
+
+
+class CocoWorld(Section):
+    """COCO 2014 splits as Karpathy saw them; the files are written in the 2017 layout."""
+
+    train2014: Count = 3000
+    val2014: Count = 1500
+    val2017: Count = 250  # of the val2014 images; the other val2014 images go to train2017
+    karpathy_val: Count = 250  # of the val2014 images
+    karpathy_test: Count = 1000  # of the val2014 images; the rest of val2014 is "restval"
+
+    @model_validator(mode="after")
+    def _fits_in_val2014(self) -> CocoWorld:
+        for name in ("val2017", "karpathy_val", "karpathy_test"):
+            if getattr(self, name) > self.val2014:
+                raise ValueError(f"{name} ({getattr(self, name)}) exceeds val2014 ({self.val2014})")
+        if self.karpathy_val + self.karpathy_test > self.val2014:
+            raise ValueError(
+                f"karpathy_val + karpathy_test ({self.karpathy_val + self.karpathy_test}) "
+                f"exceeds val2014 ({self.val2014})"
+            )
+        return self
+
+
+class FlickrWorld(Section):
+    train: Count = 1500
+    val: Count = 100
+    test: Count = 500
+
+
+class ConceptualCaptionsWorld(Section):
+    samples: Count = 2000  # rows img2dataset tried, failures included
+    shard_size: PositiveInt = 500
+    failed: Count = 20  # rows with status failed_to_download: in the parquet, not in the tar
+    corrupt: Count = 2  # successes whose JPEG bytes are truncated, as happens on the web
+
+    @model_validator(mode="after")
+    def _fits(self) -> ConceptualCaptionsWorld:
+        if self.failed + self.corrupt > self.samples:
+            raise ValueError(f"failed + corrupt ({self.failed + self.corrupt}) exceeds samples")
+        return self
+
+
+class ZeroShotWorld(Section):
+    imagenet_per_class: Count = 5
+    cifar10_train_per_class: Count = 10
+    cifar10_test_per_class: Count = 50
+    cifar100_train_per_class: Count = 2
+    cifar100_test_per_class: Count = 10
+
+
+class World(Section):
+    seed: Count = 0
+    # min and max side, pixels (YAML gives a list: the field accepts it as a pair)
+    image_size: Annotated[tuple[PositiveInt, PositiveInt], Field(strict=False)] = (128, 176)
+    max_objects: Annotated[int, Field(ge=1, le=4, strict=True)] = 4
+    coco: CocoWorld = CocoWorld()
+    flickr30k: FlickrWorld = FlickrWorld()
+    cc: ConceptualCaptionsWorld = ConceptualCaptionsWorld()
+    zeroshot: ZeroShotWorld = ZeroShotWorld()
+    # Karpathy test images copied byte for byte into Flickr30k train and into CC, as web crawls
+    # do: the leakage guard's content hash must catch them.
+    planted_duplicates: Count = 5
+    workers: PositiveInt = 2  # generation processes; the output does not depend on it
+    out: str = "demo/raw"
+
+    @field_validator("image_size")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] > v[1] or v[0] < 32:
+            raise ValueError(f"must be [min, max] with 32 <= min <= max, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _duplicates_fit(self) -> World:
+        room = min(self.coco.karpathy_test, self.flickr30k.train, self.cc.samples)
+        if self.planted_duplicates > room:
+            raise ValueError(
+                f"planted_duplicates ({self.planted_duplicates}) exceeds the smallest of "
+                f"coco.karpathy_test, flickr30k.train and cc.samples ({room})"
+            )
+        return self
+
+
+# --- model specs shared by several stages ----------------------------------------------------
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    return Path((info.context or {}).get("base_dir", "."))
+
+
+@functools.cache
+def _open_clip_models() -> frozenset[str]:
+    from pipeline.models.clip import available_models
+
+    return frozenset(available_models())
+
+
+class Clip(Section):
+    """A CLIP model: an open_clip architecture and where its weights come from."""
+
+    model: str = "ViT-B-32"
+    # An open_clip pretrained tag (e.g. "openai", fetched by open_clip when online), a path to a
+    # checkpoint file, or "none": the real architecture, randomly initialised.
+    pretrained: str = "none"
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v not in _open_clip_models():
+            raise ValueError(f"unknown open_clip model {v!r}")
+        return v
+
+    @field_validator("pretrained")
+    @classmethod
+    def _weights_exist(cls, v: str, info: ValidationInfo) -> str:
+        if v == "none":
+            return v
+        model = info.data.get("model")
+        if model is not None:
+            import open_clip
+
+            if v in open_clip.list_pretrained_tags_by_model(model):
+                return v
+        if looks_like_path(v) and not (_base_dir(info) / v).is_file():
+            raise ValueError(f"weights file {v!r} does not exist")
+        if not looks_like_path(v):
+            raise ValueError(f"{v!r} is neither 'none', an open_clip tag for {model}, nor a file")
+        return v
+
+
+def looks_like_path(value: str) -> bool:
+    return "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+@functools.cache
+def _ultralytics_model_yamls() -> frozenset[str]:
+    import ultralytics
+
+    root = Path(ultralytics.__file__).parent / "cfg" / "models"
+    return frozenset(p.name for p in root.rglob("*.yaml"))
+
+
+@functools.cache
+def _ultralytics_assets() -> frozenset[str]:
+    from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
+
+    return frozenset(GITHUB_ASSETS_NAMES)
+
+
+class Detector(Section):
+    """An ultralytics YOLO detector: its architecture and where its weights come from."""
+
+    model: str = "yolov8x.yaml"  # architecture, used when weights is "none"
+    # A checkpoint path, an ultralytics release name (e.g. "yolov8x.pt", fetched when online),
+    # or "none": the architecture in `model`, randomly initialised.
+    weights: str = "none"
+
+    @field_validator("model")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        # ultralytics reads the scale letter off the name: yolov8x.yaml is yolov8.yaml at scale x.
+        generic = re.sub(r"(\d+)([nslmx])(.+)?$", r"\1\3", v)
+        if not v.endswith(".yaml") or not {v, generic} & _ultralytics_model_yamls():
+            raise ValueError(f"unknown ultralytics model config {v!r}")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, v: str, info: ValidationInfo) -> str:
+        if v == "none" or v in _ultralytics_assets():
+            return v
+        if not (_base_dir(info) / v).is_file():
+            raise ValueError(f"weights file {v!r} does not exist and is not an ultralytics release")
+        return v
+
+
+class Params(Section):
+    world: World = World()
+    clip: Clip = Clip()
+    detector: Detector = Detector()
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _format_errors(source: str, err: ValidationError, raw: Any) -> str:
+    lines = [f"{source}: {err.error_count()} invalid value(s)"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (value {e['input']!r})")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key}: {msg} (value {_lookup(raw, e['loc'])!r})")
+    return "\n".join(lines)
+
+
+def _lookup(raw: Any, loc: tuple) -> Any:
+    for part in loc:
+        try:
+            raw = raw[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return raw
+
+
+def parse_params(raw: Any, source: str = "params", base_dir: Path | str = ".") -> Params:
+    """Validate an already-parsed params mapping."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw, context={"base_dir": Path(base_dir)})
+    except ValidationError as err:
+        raise ParamsError(_format_errors(source, err, raw)) from None
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate a params file; raises ParamsError naming every bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw, source=str(path), base_dir=path.parent)

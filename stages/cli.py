@@ -1,0 +1,69 @@
+"""`dclip`: every pipeline stage and utility as a command. Stage modules are imported lazily so
+that `dclip --help` stays fast."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.config import ParamsError
+
+app = typer.Typer(help="dclip: Distill CLIP as a DVC pipeline.", no_args_is_help=True, add_completion=False)
+params_app = typer.Typer(help="Inspect and validate params files.", no_args_is_help=True)
+demo_app = typer.Typer(help="The offline demo: its world and its small models.", no_args_is_help=True)
+app.add_typer(params_app, name="params")
+app.add_typer(demo_app, name="demo")
+
+ParamsFile = Annotated[Path, typer.Option("--params", "-p", help="The params file to read.")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@params_app.command("check")
+def params_check(file: Annotated[Path, typer.Argument(help="Params file.")] = Path("params.yaml")) -> None:
+    """Validate a params file: every section, every key; exit 2 naming each bad key."""
+    from pipeline.config import load_params
+
+    try:
+        load_params(file)
+    except ParamsError as err:
+        _fail(str(err))
+    typer.echo(f"{file}: ok")
+
+
+@app.command()
+def world(params: ParamsFile = Path("params.yaml")) -> None:
+    """Stage `world`: generate the demo world's raw datasets in their real formats."""
+    from stages import world as stage
+
+    try:
+        stage.run(params)
+    except ParamsError as err:
+        _fail(str(err))
+
+
+@demo_app.command("pretrain-split")
+def pretrain_split(
+    out: Annotated[Path, typer.Argument(help="Output folder (ultralytics dataset layout).")],
+    train: Annotated[int, typer.Option(min=1, help="Training images.")] = 20000,
+    val: Annotated[int, typer.Option(min=1, help="Validation images.")] = 500,
+    params: ParamsFile = Path("params.yaml"),
+) -> None:
+    """Write the demo models' pretraining split: captioned images with YOLO labels, drawn from a
+    seed stream that no pipeline split uses."""
+    from stages import world as stage
+
+    try:
+        stage.pretrain_split(params, out, train, val)
+    except ParamsError as err:
+        _fail(str(err))
+
+
+def main() -> None:  # pragma: no cover - the console script
+    sys.exit(app())

@@ -1,0 +1,117 @@
+"""Params validation: every kind of bad value is refused with its key and value named."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.config import ParamsError, load_params, parse_params
+from stages.cli import app
+
+from .conftest import REPO
+
+
+def default_raw() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def refused(raw: dict) -> str:
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw, source="params.yaml", base_dir=REPO)
+    return str(err.value)
+
+
+def test_default_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.world.coco.karpathy_test == 1000
+    assert params.world.image_size == (128, 176)
+
+
+def test_empty_file_takes_every_default(tmp_path):
+    (tmp_path / "p.yaml").write_text("")
+    assert load_params(tmp_path / "p.yaml").world.seed == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("world", "coco", "karpathy_test"), -5, "world.coco.karpathy_test: Input should be greater than or equal to 0 (value -5)"),
+        (("world", "seed"), "3", "world.seed: Input should be a valid integer (value '3')"),
+        (("world", "seed"), 3.5, "world.seed: Input should be a valid integer"),
+        (("world", "cc", "shard_size"), 0, "world.cc.shard_size: Input should be greater than 0 (value 0)"),
+        (("world", "image_size"), [200, 100], "world.image_size: must be [min, max] with 32 <= min <= max, got [200, 100]"),
+        (("world", "image_size"), [100, 120, 140], "world.image_size: Tuple should have at most 2 items"),
+        (("world", "max_objects"), 5, "world.max_objects: Input should be less than or equal to 4 (value 5)"),
+        (("world", "coco", "karpathy_test"), 1400, "world.coco: karpathy_val + karpathy_test (1650) exceeds val2014 (1500)"),
+        (("world", "planted_duplicates"), 1200, "world: planted_duplicates (1200) exceeds the smallest"),
+        (("clip", "model"), "ViT-Q-99", "clip.model: unknown open_clip model 'ViT-Q-99' (value 'ViT-Q-99')"),
+        (("clip", "pretrained"), "weights/missing.pt", "clip.pretrained: weights file 'weights/missing.pt' does not exist"),
+        (("clip", "pretrained"), "laion9000", "clip.pretrained: 'laion9000' is neither 'none', an open_clip tag for ViT-B-32, nor a file"),
+        (("detector", "model"), "yolov8q.yaml", "detector.model: unknown ultralytics model config 'yolov8q.yaml'"),
+        (("detector", "weights"), "nowhere/yolo.pt", "detector.weights: weights file 'nowhere/yolo.pt' does not exist"),
+    ],
+)  # fmt: skip
+def test_bad_values_are_named(path, value, expected):
+    raw = default_raw()
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    assert expected in refused(raw)
+
+
+def test_unknown_keys_are_named_at_every_depth():
+    raw = default_raw()
+    raw["wrold"] = {}
+    raw["world"]["coco"]["train2015"] = 10
+    message = refused(raw)
+    assert "wrold: unknown key" in message
+    assert "world.coco.train2015: unknown key (value 10)" in message
+    assert "2 invalid value(s)" in message
+
+
+def test_known_tags_and_existing_files_are_accepted(tmp_path):
+    raw = default_raw()
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "clip.pt").write_bytes(b"x")
+    (tmp_path / "w" / "yolo.pt").write_bytes(b"x")
+    raw["clip"] = {"model": "ViT-B-32", "pretrained": "w/clip.pt"}
+    raw["detector"] = {"model": "yolov8n.yaml", "weights": "w/yolo.pt"}
+    params = parse_params(raw, base_dir=tmp_path)
+    assert params.clip.pretrained == "w/clip.pt"
+    raw["clip"]["pretrained"] = "openai"
+    raw["detector"]["weights"] = "yolov8x.pt"
+    assert parse_params(copy.deepcopy(raw), base_dir=tmp_path).detector.weights == "yolov8x.pt"
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    (tmp_path / "a.yaml").write_text("world: [unclosed")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ParamsError, match="top level must be a mapping, got list"):
+        load_params(tmp_path / "b.yaml")
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_cli_check_refuses_a_broken_file_with_exit_2(tmp_path):
+    raw = default_raw()
+    raw["world"]["cc"]["failed"] = -1
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["params", "check", str(bad)])
+    assert result.exit_code == 2
+    assert "world.cc.failed: Input should be greater than or equal to 0 (value -1)" in result.output
+    ok = CliRunner().invoke(app, ["params", "check", str(REPO / "params.yaml")])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_cli_help_lists_the_commands():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("world", "params", "demo"):
+        assert command in result.output
