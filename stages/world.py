@@ -1,0 +1,23 @@
+"""Stage `world` (demo/dvc.yaml): generate the demo world's raw datasets."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pipeline.config import load_params
+from pipeline.world.generate import generate_pretrain_split, generate_world
+
+
+def run(params_file: Path) -> None:
+    params = load_params(params_file)
+    out = params_file.parent / params.world.out
+    start = time.perf_counter()
+    summary = generate_world(params.world, out)
+    print(json.dumps({"seconds": round(time.perf_counter() - start, 1), **summary["coco"]}))
+
+
+def pretrain_split(params_file: Path, out: Path, n_train: int, n_val: int) -> None:
+    params = load_params(params_file)
+    print(json.dumps(generate_pretrain_split(params.world, out, n_train, n_val)))
