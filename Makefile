@@ -1,0 +1,34 @@
+# `make demo` and `make test` each set themselves up from nothing: a virtual environment in .venv,
+# the exact dependency set of constraints.txt, then the run.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dclip-installed
+# Nothing downloads at run time: models and datasets are local (see README).
+export HF_HUB_OFFLINE := 1
+export YOLO_OFFLINE := 1
+# dvc runs each stage's `dclip …` command through a shell: put the environment first on PATH.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/dvc repro
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
