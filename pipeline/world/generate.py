@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import multiprocessing
 import shutil
 from collections.abc import Iterable, Iterator
@@ -407,7 +408,7 @@ def _write_cc(cfg: World, root: Path, painter: Painter, truth: GroundTruth, flic
                 }
                 tar.add(f"{key}.jpg", data)
                 tar.add(f"{key}.txt", caption.encode())
-                tar.add(f"{key}.json", formats.json.dumps(meta).encode())
+                tar.add(f"{key}.json", json.dumps(meta).encode())
                 rows.append(meta)
                 status_dict["success"] = status_dict.get("success", 0) + 1
                 totals["success"] += 1
@@ -598,7 +599,7 @@ def generate_pretrain_split(
                     )
                 )
                 lines.append(
-                    formats.json.dumps(
+                    json.dumps(
                         {
                             "image": f"images/{split}/{stem}.jpg",
                             "split": split,
