@@ -65,5 +65,31 @@ def pretrain_split(
         _fail(str(err))
 
 
+@demo_app.command("train-models")
+def train_models(
+    work: Annotated[Path, typer.Option(help="Scratch folder for the pretraining split and runs.")] = Path(
+        "data/demo-pretrain"
+    ),
+    train_images: Annotated[int, typer.Option(min=1)] = 20000,
+    val_images: Annotated[int, typer.Option(min=1)] = 1000,
+    clip_epochs: Annotated[int, typer.Option(min=1)] = 8,
+    yolo_epochs: Annotated[int, typer.Option(min=1)] = 12,
+    yolo_images: Annotated[int, typer.Option(min=1)] = 3000,
+    only: Annotated[str, typer.Option(help="both, clip or yolo")] = "both",
+    seed: int = 0,
+    params: ParamsFile = Path("params.yaml"),
+) -> None:
+    """Train the demo's small CLIP and YOLO from scratch on the world's pretraining split; write
+    demo/weights/*.pt with a JSON card each (command, seed, data, time, measured quality)."""
+    from stages import demo_models as stage
+
+    if only not in ("both", "clip", "yolo"):
+        _fail(f"--only must be both, clip or yolo, got {only!r}")
+    try:
+        stage.run(params, work, train_images, val_images, clip_epochs, yolo_epochs, yolo_images, only, seed)
+    except ParamsError as err:
+        _fail(str(err))
+
+
 def main() -> None:  # pragma: no cover - the console script
     sys.exit(app())

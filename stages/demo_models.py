@@ -1,0 +1,114 @@
+"""`dclip demo train-models`: train the demo's small CLIP and YOLO once; their weights and JSON
+cards are committed under demo/weights/."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import demo_models as dm
+from pipeline.config import load_params
+from pipeline.models.clip import create, save_checkpoint
+from pipeline.world.generate import generate_pretrain_split
+
+WEIGHTS = Path("demo/weights")
+CLIP_FILE = WEIGHTS / f"clip-{dm.CLIP_MODEL}.pt"
+YOLO_FILE = WEIGHTS / "yolo-demo-v8n.pt"
+
+
+def _card(path: Path, card: dict) -> None:
+    card = {
+        "command": shlex.join(["dclip", *sys.argv[1:]]),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
+        **card,
+    }
+    path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+
+
+def run(
+    params_file: Path,
+    work: Path,
+    train_images: int,
+    val_images: int,
+    clip_epochs: int,
+    yolo_epochs: int,
+    yolo_images: int,
+    only: str,
+    seed: int,
+) -> None:
+    cfg = load_params(params_file).world
+    start = time.perf_counter()
+    split = work / "pretrain"
+    if not (split / "data.yaml").exists():
+        generate_pretrain_split(cfg, split, train_images, val_images)
+    n_total = train_images + val_images
+    data = {
+        "split": "pretrain (seed stream of its own; no pipeline split uses it)",
+        "world_seed": cfg.seed,
+        "train_images": train_images,
+        "val_images": val_images,
+    }
+    if only in ("both", "clip"):
+        model, train = dm.train_clip(split, epochs=clip_epochs, seed=seed)
+        _, preprocess, tokenizer = create(dm.CLIP_MODEL, "none")
+        val_imgs, val_caps = dm.load_split(split, "val", preprocess)
+        cls_imgs, cls_labels, names = dm.class_images(cfg, preprocess, per_class=5, offset=n_total)
+        quality = dm.evaluate_clip(model, tokenizer, val_imgs, val_caps, cls_imgs, cls_labels, names)
+        save_checkpoint(model, CLIP_FILE)
+        _card(
+            CLIP_FILE,
+            {
+                "model": dm.CLIP_MODEL,
+                "seed": seed,
+                "data": data,
+                "training": train,
+                "quality": quality,
+                "size_mb": round(CLIP_FILE.stat().st_size / 2**20, 1),
+            },
+        )
+        print(json.dumps(quality))
+    if only in ("both", "yolo"):
+        yolo_split = work / "pretrain-yolo"
+        if not yolo_split.exists():
+            _subset(split, yolo_split, yolo_images)
+        best, train = dm.train_yolo(
+            yolo_split / "data.yaml", work / "runs", "yolov8n.yaml", yolo_epochs, 160, 32, seed
+        )
+        WEIGHTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(best, YOLO_FILE)
+        fresh = dm.detector_recall(YOLO_FILE, cfg, n_images=300, offset=n_total + 1000, imgsz=160)
+        _card(
+            YOLO_FILE,
+            {
+                "model": "yolov8n.yaml, one class per shape",
+                "seed": seed,
+                "data": {**data, "yolo_train_images": yolo_images},
+                "training": train,
+                "quality_fresh_images": fresh,
+                "size_mb": round(YOLO_FILE.stat().st_size / 2**20, 1),
+            },
+        )
+        print(json.dumps({**train, **fresh}))
+    print(f"done in {time.perf_counter() - start:.0f} s")
+
+
+def _subset(src: Path, dst: Path, n_train: int) -> None:
+    """The first n_train training images (and every val image) of the split, as symlinks."""
+    for split in ("train", "val"):
+        imgs = sorted((src / "images" / split).iterdir())
+        if split == "train":
+            imgs = imgs[:n_train]
+        for kind in ("images", "labels"):
+            (dst / kind / split).mkdir(parents=True, exist_ok=True)
+        for im in imgs:
+            (dst / "images" / split / im.name).symlink_to(im.resolve())
+            lab = src / "labels" / split / (im.stem + ".txt")
+            (dst / "labels" / split / lab.name).symlink_to(lab.resolve())
+    shutil.copy(src / "data.yaml", dst / "data.yaml")
