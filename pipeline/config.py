@@ -256,8 +256,11 @@ def parse_params(raw: Any, source: str = "params", base_dir: Path | str = ".") -
         raise ParamsError(_format_errors(source, err, raw)) from None
 
 
-def load_params(path: Path | str = "params.yaml") -> Params:
-    """Read and validate a params file; raises ParamsError naming every bad key."""
+def load_params(path: Path | str = "params.yaml", only: tuple[str, ...] | None = None) -> Params:
+    """Read and validate a params file; raises ParamsError naming every bad key.
+
+    `only` validates just those sections (the rest take their defaults): for a command that
+    makes what another section points at, such as the demo weights."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
@@ -265,4 +268,6 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if only is not None and isinstance(raw, dict):
+        raw = {k: v for k, v in raw.items() if k in only}
     return parse_params(raw, source=str(path), base_dir=path.parent)

@@ -67,6 +67,10 @@ def decode(data: bytes) -> Image.Image:
     """
     if len(data) == 0:
         raise ImageReject("empty_file", "the file is empty (0 bytes)")
+    if not _recognised(data):
+        raise ImageReject(
+            "not_an_image", f"{len(data)} bytes that no accepted format ({', '.join(ACCEPTED_FORMATS)}) reads"
+        )
     try:
         img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         img.load()  # decode every pixel now: a truncated file fails here, not later in a worker
@@ -86,6 +90,19 @@ def decode(data: bytes) -> Image.Image:
         if "truncated" in str(err).lower():
             raise ImageReject("truncated", f"the data ends before the image does ({err})") from None
         raise ImageReject("decode_error", f"{type(err).__name__}: {err}") from None
+
+
+def _recognised(data: bytes) -> bool:
+    """Whether an accepted format's own signature check knows the first 16 bytes, as Image.open
+    asks. Checked before Image.open because ultralytics, once imported, replaces Image.open with a
+    wrapper that answers an unrecognised file by trying to pip-install a HEIF plugin."""
+    Image.init()
+    prefix = data[:16]
+    for fmt in ACCEPTED_FORMATS:
+        _factory, accept = Image.OPEN[fmt]
+        if accept is None or accept(prefix):
+            return True
+    return False
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -48,23 +48,6 @@ def world(params: ParamsFile = Path("params.yaml")) -> None:
         _fail(str(err))
 
 
-@demo_app.command("pretrain-split")
-def pretrain_split(
-    out: Annotated[Path, typer.Argument(help="Output folder (ultralytics dataset layout).")],
-    train: Annotated[int, typer.Option(min=1, help="Training images.")] = 20000,
-    val: Annotated[int, typer.Option(min=1, help="Validation images.")] = 500,
-    params: ParamsFile = Path("params.yaml"),
-) -> None:
-    """Write the demo models' pretraining split: captioned images with YOLO labels, drawn from a
-    seed stream that no pipeline split uses."""
-    from stages import world as stage
-
-    try:
-        stage.pretrain_split(params, out, train, val)
-    except ParamsError as err:
-        _fail(str(err))
-
-
 @demo_app.command("train-models")
 def train_models(
     work: Annotated[Path, typer.Option(help="Scratch folder for the pretraining split and runs.")] = Path(
@@ -72,9 +55,12 @@ def train_models(
     ),
     train_images: Annotated[int, typer.Option(min=1)] = 20000,
     val_images: Annotated[int, typer.Option(min=1)] = 1000,
-    clip_epochs: Annotated[int, typer.Option(min=1)] = 8,
-    yolo_epochs: Annotated[int, typer.Option(min=1)] = 12,
-    yolo_images: Annotated[int, typer.Option(min=1)] = 3000,
+    clip_epochs: Annotated[int, typer.Option(min=1)] = 5,
+    yolo_epochs: Annotated[int, typer.Option(min=1)] = 8,
+    yolo_images: Annotated[int, typer.Option(min=1)] = 2500,
+    single_object_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of training images with one object.")
+    ] = 0.3,
     only: Annotated[str, typer.Option(help="both, clip or yolo")] = "both",
     seed: int = 0,
     params: ParamsFile = Path("params.yaml"),
@@ -86,7 +72,18 @@ def train_models(
     if only not in ("both", "clip", "yolo"):
         _fail(f"--only must be both, clip or yolo, got {only!r}")
     try:
-        stage.run(params, work, train_images, val_images, clip_epochs, yolo_epochs, yolo_images, only, seed)
+        stage.run(
+            params,
+            work,
+            train_images,
+            val_images,
+            clip_epochs,
+            yolo_epochs,
+            yolo_images,
+            single_object_fraction,
+            only,
+            seed,
+        )
     except ParamsError as err:
         _fail(str(err))
 

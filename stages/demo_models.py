@@ -4,6 +4,7 @@ cards are committed under demo/weights/."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -11,22 +12,21 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from pipeline import demo_models as dm
 from pipeline.config import load_params
 from pipeline.models.clip import create, save_checkpoint
-from pipeline.world.generate import generate_pretrain_split
+from pipeline.world.generate import generate_pretrain_split, pretrain_summary
 
 WEIGHTS = Path("demo/weights")
 CLIP_FILE = WEIGHTS / f"clip-{dm.CLIP_MODEL}.pt"
 YOLO_FILE = WEIGHTS / "yolo-demo-v8n.pt"
+YOLO_VAL_IMAGES = 300
 
 
 def _card(path: Path, card: dict) -> None:
     card = {
         "command": shlex.join(["dclip", *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, cpu",
         **card,
     }
     path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
@@ -40,19 +40,23 @@ def run(
     clip_epochs: int,
     yolo_epochs: int,
     yolo_images: int,
+    single_object_fraction: float,
     only: str,
     seed: int,
 ) -> None:
-    cfg = load_params(params_file).world
+    # Only the world section: the other sections point at the weights this command makes.
+    cfg = load_params(params_file, only=("world",)).world
     start = time.perf_counter()
     split = work / "pretrain"
-    if not (split / "data.yaml").exists():
-        generate_pretrain_split(cfg, split, train_images, val_images)
+    wanted = pretrain_summary(cfg, train_images, val_images, single_object_fraction)
+    if not (split / "split.json").exists() or json.loads((split / "split.json").read_text()) != wanted:
+        generate_pretrain_split(cfg, split, train_images, val_images, single_object_fraction)
     n_total = train_images + val_images
     data = {
         "split": "pretrain (seed stream of its own; no pipeline split uses it)",
         "world_seed": cfg.seed,
         "train_images": train_images,
+        "single_object_train_images": wanted["single_object_train"],
         "val_images": val_images,
     }
     if only in ("both", "clip"):
@@ -89,7 +93,7 @@ def run(
             {
                 "model": "yolov8n.yaml, one class per shape",
                 "seed": seed,
-                "data": {**data, "yolo_train_images": yolo_images},
+                "data": {**data, "yolo_train_images": yolo_images, "yolo_val_images": YOLO_VAL_IMAGES},
                 "training": train,
                 "quality_fresh_images": fresh,
                 "size_mb": round(YOLO_FILE.stat().st_size / 2**20, 1),
@@ -99,12 +103,11 @@ def run(
     print(f"done in {time.perf_counter() - start:.0f} s")
 
 
-def _subset(src: Path, dst: Path, n_train: int) -> None:
-    """The first n_train training images (and every val image) of the split, as symlinks."""
-    for split in ("train", "val"):
-        imgs = sorted((src / "images" / split).iterdir())
-        if split == "train":
-            imgs = imgs[:n_train]
+def _subset(src: Path, dst: Path, n_train: int, n_val: int = YOLO_VAL_IMAGES) -> None:
+    """The first n_train training and n_val validation images of the split, as symlinks:
+    ultralytics validates every epoch, so its validation set is kept small."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        imgs = sorted((src / "images" / split).iterdir())[:n]
         for kind in ("images", "labels"):
             (dst / kind / split).mkdir(parents=True, exist_ok=True)
         for im in imgs:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.world.generate import generate_pretrain_split, generate_world
+from pipeline.world.generate import generate_world
 
 
 def run(params_file: Path) -> None:
@@ -16,8 +16,3 @@ def run(params_file: Path) -> None:
     start = time.perf_counter()
     summary = generate_world(params.world, out)
     print(json.dumps({"seconds": round(time.perf_counter() - start, 1), **summary["coco"]}))
-
-
-def pretrain_split(params_file: Path, out: Path, n_train: int, n_val: int) -> None:
-    params = load_params(params_file)
-    print(json.dumps(generate_pretrain_split(params.world, out, n_train, n_val)))

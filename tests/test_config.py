@@ -49,7 +49,7 @@ def test_empty_file_takes_every_default(tmp_path):
         (("world", "planted_duplicates"), 1200, "world: planted_duplicates (1200) exceeds the smallest"),
         (("clip", "model"), "ViT-Q-99", "clip.model: unknown open_clip model 'ViT-Q-99' (value 'ViT-Q-99')"),
         (("clip", "pretrained"), "weights/missing.pt", "clip.pretrained: weights file 'weights/missing.pt' does not exist"),
-        (("clip", "pretrained"), "laion9000", "clip.pretrained: 'laion9000' is neither 'none', an open_clip tag for ViT-B-32, nor a file"),
+        (("clip", "pretrained"), "laion9000", "clip.pretrained: 'laion9000' is neither 'none', an open_clip tag for DCLIP-Demo-S16, nor a file"),
         (("detector", "model"), "yolov8q.yaml", "detector.model: unknown ultralytics model config 'yolov8q.yaml'"),
         (("detector", "weights"), "nowhere/yolo.pt", "detector.weights: weights file 'nowhere/yolo.pt' does not exist"),
     ],
@@ -115,3 +115,17 @@ def test_cli_help_lists_the_commands():
     assert result.exit_code == 0
     for command in ("world", "params", "demo"):
         assert command in result.output
+
+
+def test_only_validates_the_named_sections(tmp_path):
+    raw = default_raw()
+    raw["clip"]["pretrained"] = "not/there.pt"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match="clip.pretrained"):
+        load_params(path)
+    assert load_params(path, only=("world",)).world.coco.karpathy_test == 1000
+    raw["world"]["seed"] = -1
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match="world.seed"):
+        load_params(path, only=("world",))

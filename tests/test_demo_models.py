@@ -1,7 +1,10 @@
-"""The pieces of the demo models' training code compute what they claim; checkpoints round-trip
-through open_clip's own loader."""
+"""The demo models: training pieces compute what they claim, checkpoints round-trip through
+open_clip's own loader, and the committed weights load offline and work on fresh images."""
 
 from __future__ import annotations
+
+import io
+import json
 
 import numpy as np
 import pytest
@@ -9,7 +12,12 @@ import torch
 from PIL import Image
 
 from pipeline import demo_models as dm
+from pipeline.config import World
 from pipeline.models.clip import create, save_checkpoint
+from pipeline.world.captions import captions as describe
+from pipeline.world.generate import PRETRAIN, Job, make_sample
+
+from .conftest import REPO
 
 
 def test_cosine_schedule_exact_values():
@@ -51,3 +59,65 @@ def test_checkpoint_round_trip_through_open_clip(tmp_path):
             arg = x if enc == "encode_image" else t
             a, b = getattr(model, enc)(arg, normalize=True), getattr(loaded, enc)(arg, normalize=True)
             assert torch.nn.functional.cosine_similarity(a, b).item() > 0.999  # float16 storage
+
+
+# --- the committed weights -------------------------------------------------------------------
+
+WEIGHTS = REPO / "demo" / "weights"
+CLIP_FILE = WEIGHTS / f"clip-{dm.CLIP_MODEL}.pt"
+YOLO_FILE = WEIGHTS / "yolo-demo-v8n.pt"
+FRESH = 10_000_000  # far beyond every index the pretraining split and its measurements used
+
+
+def fresh_image(i: int):
+    cfg = World()
+    s = make_sample(Job(PRETRAIN, FRESH + i), cfg.seed, tuple(cfg.image_size), cfg.max_objects)
+    return Image.open(io.BytesIO(s.data)).convert("RGB"), s.scene
+
+
+def test_committed_clip_loads_offline_and_retrieves_fresh_images():
+    import open_clip
+
+    card = json.loads(CLIP_FILE.with_suffix(".json").read_text())
+    assert CLIP_FILE.stat().st_size < 25 * 2**20
+    assert card["quality"]["zero_shot"]["top1"] > 5 * card["quality"]["zero_shot"]["chance"]
+    model, _, preprocess = open_clip.create_model_and_transforms(dm.CLIP_MODEL, pretrained=str(CLIP_FILE))
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(dm.CLIP_MODEL)
+    images, captions = [], []
+    for i in range(20):
+        image, scene = fresh_image(i)
+        images.append(preprocess(image))
+        captions.append(describe(scene, np.random.default_rng(i), 1, "coco")[0])
+    with torch.no_grad():
+        img = model.encode_image(torch.stack(images), normalize=True)
+        txt = model.encode_text(tokenizer(captions), normalize=True)
+    assert img.shape == (20, 128) and torch.allclose(img.norm(dim=1), torch.ones(20), atol=1e-4)
+    # Text→image among 20 fresh images: far above chance (1/20 at R@1).
+    r1 = float((torch.argmax(txt @ img.T, dim=1) == torch.arange(20)).float().mean())
+    assert r1 >= 0.3
+
+
+def test_committed_detector_finds_the_objects_of_fresh_images():
+    from ultralytics import YOLO
+
+    card = json.loads(YOLO_FILE.with_suffix(".json").read_text())
+    assert YOLO_FILE.stat().st_size < 25 * 2**20 and card["quality_fresh_images"]["recall_iou50"] >= 0.9
+    model = YOLO(str(YOLO_FILE))
+    found = total = 0
+    for i in range(20):
+        image, scene = fresh_image(100 + i)
+        boxes = model.predict(image, imgsz=160, conf=0.25, device="cpu", verbose=False)[0].boxes.xyxy.numpy()
+        gt = np.array([o.box for o in scene.objects], float)[np.array(scene.visible) >= 0.6]
+        if len(boxes):
+            found += int((dm.box_iou(gt, boxes) >= 0.5).any(axis=1).sum())
+        total += len(gt)
+    assert total > 20 and found / total >= 0.9, (found, total)
+
+
+def test_default_params_use_the_committed_weights():
+    from pipeline.config import load_params
+
+    params = load_params(REPO / "params.yaml")
+    assert (REPO / params.clip.pretrained).resolve() == CLIP_FILE.resolve()
+    assert (REPO / params.detector.weights).resolve() == YOLO_FILE.resolve()

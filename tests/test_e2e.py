@@ -19,7 +19,7 @@ from .conftest import REPO, TINY_WORLD
 pytestmark = pytest.mark.e2e
 
 # What a clone carries that the pipeline needs: its definition and the code its stages depend on.
-PROJECT_FILES = ["dvc.yaml", "demo/dvc.yaml", ".dvcignore", "pipeline", "stages"]
+PROJECT_FILES = ["dvc.yaml", "demo/dvc.yaml", "demo/weights", ".dvcignore", "pipeline", "stages"]
 
 
 def sh(cmd: list[str], cwd: Path) -> str:

@@ -381,3 +381,11 @@ def test_decode_and_prepare_runs_in_a_process_pool():
     assert remote == decode_and_prepare(good, 64, 90)
     assert (remote.width, remote.height) == (96, 64)
     assert isinstance(failed, ImageReject) and failed.reason == "truncated"
+
+
+def test_unrecognised_bytes_never_reach_ultralytics_patched_image_open():
+    # Importing ultralytics replaces PIL's Image.open with a wrapper that, on an unrecognised
+    # file, tries to install a HEIF plugin; decode must answer before that.
+    import ultralytics  # noqa: F401
+
+    assert reject_reason(np.random.default_rng(5).bytes(2000)) == "not_an_image"

@@ -323,3 +323,26 @@ def test_pretrain_split_is_an_ultralytics_dataset_with_true_labels(tiny_world, t
     # A seed stream of its own: no pretraining image is a pipeline image.
     world_hashes = set(tree_digest(tiny_world).values())
     assert not {hashlib.sha256((out / x["image"]).read_bytes()).hexdigest() for x in lines} & world_hashes
+
+
+def test_pretrain_single_object_tail_keeps_the_other_images_unchanged(tiny_world_cfg, tmp_path):
+    plain, mixed = tmp_path / "plain", tmp_path / "mixed"
+    generate_pretrain_split(tiny_world_cfg, plain, n_train=10, n_val=2, progress=False)
+    summary = generate_pretrain_split(
+        tiny_world_cfg, mixed, n_train=10, n_val=2, single_object_fraction=0.3, progress=False
+    )
+    assert summary["single_object_train"] == 3
+    assert json.loads((mixed / "split.json").read_text()) == summary
+    for i in range(10):
+        name = f"{i:07d}"
+        label = (mixed / "labels" / "train" / f"{name}.txt").read_text().splitlines()
+        same = (mixed / "images" / "train" / f"{name}.jpg").read_bytes() == (
+            plain / "images" / "train" / f"{name}.jpg"
+        ).read_bytes()
+        if i < 7:
+            assert same  # the multi-object head is the same drawing as without the tail
+        else:
+            assert len(label) == 1 and not same
+    assert tree_digest(mixed / "images" / "val") == tree_digest(plain / "images" / "val")
+    with pytest.raises(ValueError, match="single_object_fraction"):
+        generate_pretrain_split(tiny_world_cfg, tmp_path / "bad", 4, 1, single_object_fraction=1.5)

@@ -69,6 +69,7 @@ class Job:
     style: str | None = None
     n_captions: int = 0
     single: tuple[str, str] | None = None  # (colour, shape) of a one-object class image
+    n_objects: int | None = None  # a scene of exactly this many random objects
     size: tuple[int, int] | None = None  # fixed (width, height); otherwise drawn at random
     raw: bool = False  # return the pixels (CIFAR) instead of JPEG bytes
 
@@ -90,8 +91,11 @@ def make_sample(job: Job, seed: int, image_size: tuple[int, int], max_objects: i
         colour, shape = job.single
         layout = single_object_layout(rng, width, height, shape, colour, CLASS_FILL)
     else:
-        weights = np.array(OBJECT_COUNT_WEIGHTS[:max_objects])
-        n = 1 + int(rng.choice(max_objects, p=weights / weights.sum()))
+        if job.n_objects is not None:
+            n = job.n_objects
+        else:
+            weights = np.array(OBJECT_COUNT_WEIGHTS[:max_objects])
+            n = 1 + int(rng.choice(max_objects, p=weights / weights.sum()))
         layout = sample_layout(rng, width, height, n)
     image, scene = render(layout, rng)
     texts: tuple[str, ...] = ()
@@ -569,13 +573,27 @@ def _write_cifar(cfg: World, root: Path, painter: Painter) -> dict:
 
 
 def generate_pretrain_split(
-    cfg: World, out: Path | str, n_train: int, n_val: int, progress: bool = True
+    cfg: World,
+    out: Path | str,
+    n_train: int,
+    n_val: int,
+    single_object_fraction: float = 0.0,
+    progress: bool = True,
 ) -> dict:
     """Captioned images with YOLO labels, from a seed stream no pipeline split uses.
+
+    The last `single_object_fraction` of the training images hold one object each: object-centric
+    images, as web data has many, in which a caption can only be told from the others by the
+    shape, so that a contrastive model has to learn shapes and not colours alone.
 
     Layout (ultralytics' own): images/{train,val}/*.jpg, labels/{train,val}/*.txt, data.yaml with
     one class per shape; captions.jsonl has the five captions of every image.
     """
+    if not 0.0 <= single_object_fraction <= 1.0:
+        raise ValueError(f"single_object_fraction must be in [0, 1], got {single_object_fraction}")
+    first_single = (
+        n_train - pretrain_summary(cfg, n_train, n_val, single_object_fraction)["single_object_train"]
+    )
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
@@ -585,7 +603,18 @@ def generate_pretrain_split(
         for split, start, n in (("train", 0, n_train), ("val", n_train, n_val)):
             (tmp / "images" / split).mkdir(parents=True)
             (tmp / "labels" / split).mkdir(parents=True)
-            jobs = [Job(PRETRAIN, start + i, PRETRAIN, start + i, "coco", 5) for i in range(n)]
+            jobs = [
+                Job(
+                    PRETRAIN,
+                    start + i,
+                    PRETRAIN,
+                    start + i,
+                    "coco",
+                    5,
+                    n_objects=1 if start + i >= first_single and split == "train" else None,
+                )
+                for i in range(n)
+            ]
             for i, sample in enumerate(painter.paint(jobs, f"pretrain {split}")):
                 stem = f"{start + i:07d}"
                 (tmp / "images" / split / f"{stem}.jpg").write_bytes(sample.data)
@@ -610,8 +639,23 @@ def generate_pretrain_split(
     (tmp / "captions.jsonl").write_text("\n".join(lines) + "\n")
     names = "".join(f"  {k}: {s}\n" for k, s in enumerate(SHAPES))
     # No `path:` key: ultralytics then takes the folder of data.yaml as the dataset root.
+    summary = pretrain_summary(cfg, n_train, n_val, single_object_fraction)
+    (tmp / "split.json").write_text(json.dumps(summary))
     (tmp / "data.yaml").write_text(f"train: images/train\nval: images/val\nnames:\n{names}")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    return {"train": n_train, "val": n_val, "classes": list(SHAPES)}
+    return summary
+
+
+def pretrain_summary(cfg: World, n_train: int, n_val: int, single_object_fraction: float) -> dict:
+    """What identifies a pretraining split (written to its split.json)."""
+    return {
+        "world_seed": cfg.seed,
+        "image_size": list(cfg.image_size),
+        "max_objects": cfg.max_objects,
+        "train": n_train,
+        "val": n_val,
+        "single_object_train": int(round(single_object_fraction * n_train)),
+        "classes": list(SHAPES),
+    }
