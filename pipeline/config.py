@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -214,10 +215,99 @@ class Detector(Section):
         return v
 
 
+# --- curate: training pairs, the leakage guard, evaluation sets -------------------------------
+
+
+def _path(v: str) -> str:
+    if not v.strip() or "\0" in v:
+        raise ValueError("must be a non-empty path")
+    return v
+
+
+# A path, relative to the params file's folder (the repository root) unless absolute.
+PathStr = Annotated[str, AfterValidator(_path)]
+JpegQuality = Annotated[int, Field(ge=1, le=100, strict=True)]
+
+
+class Mix(Section):
+    """Training pairs per source. The paper's ViT-B mix is coco 42000, flickr30k 10000, cc 15000
+    (ViT-L: 85000, 20000, 15000); the demo's is sized for a quick CPU run."""
+
+    coco: Count = 2500
+    flickr30k: Count = 1000
+    cc: Count = 1000
+
+
+class CaptionRules(Section):
+    # The longest caption kept, in tokens of clip.model's own tokenizer, start and end tokens
+    # included; null: the model's context length. Longer captions are refused, not truncated.
+    max_tokens: Annotated[int, Field(ge=3, strict=True)] | None = None
+
+
+class Curate(Section):
+    seed: Count = 0
+    mix: Mix = Mix()
+    # 1: one caption per image, drawn from seed and id (the paper); "all": every usable caption
+    # is a pair (mix counts pairs; the last image may give fewer than all).
+    captions_per_image: Literal[1, "all"] = 1
+    caption: CaptionRules = CaptionRules()
+    image_size: PositiveInt = 160  # short side of stored images; at least the model's input size
+    jpeg_quality: JpegQuality = 90
+    shard_size: PositiveInt = 1000  # samples per WebDataset shard
+    workers: PositiveInt = 2  # decoding processes; the output does not depend on it
+    out: PathStr = "data/curated"
+
+    @field_validator("captions_per_image", mode="before")
+    @classmethod
+    def _one_or_all(cls, v: Any) -> Any:
+        # Literal[1] alone would take True and 1.0 for 1.
+        if not ((type(v) is int and v == 1) or v == "all"):
+            raise ValueError("must be 1 or 'all'")
+        return v
+
+
+class CocoSource(Section):
+    images: PathStr = "demo/raw/coco"  # holds train2017/ and val2017/ (or the 2014 folders)
+    train_annotations: PathStr = "demo/raw/coco/annotations/captions_train2017.json"
+    karpathy: PathStr = "demo/raw/karpathy/dataset_coco.json"
+
+
+class Flickr30kSource(Section):
+    images: PathStr = "demo/raw/flickr30k/flickr30k-images"
+    karpathy: PathStr = "demo/raw/karpathy/dataset_flickr30k.json"
+
+
+class CcSource(Section):
+    shards: PathStr = "demo/raw/cc"  # img2dataset output: *.tar with their *.parquet
+
+
+class ImagenetSource(Section):
+    # Class folders <wnid>/; names: open_clip's for ImageNet-1k, else LOC_synset_mapping.txt
+    # beside this folder.
+    val: PathStr = "demo/raw/imagenet/val"
+
+
+class CifarSource(Section):
+    folder: PathStr
+
+
+class Sources(Section):
+    """The raw datasets (read by curate). The defaults are the demo world's."""
+
+    coco: CocoSource = CocoSource()
+    flickr30k: Flickr30kSource = Flickr30kSource()
+    cc: CcSource = CcSource()
+    imagenet: ImagenetSource = ImagenetSource()
+    cifar10: CifarSource = CifarSource(folder="demo/raw/cifar-10-batches-py")
+    cifar100: CifarSource = CifarSource(folder="demo/raw/cifar-100-python")
+
+
 class Params(Section):
     world: World = World()
     clip: Clip = Clip()
     detector: Detector = Detector()
+    sources: Sources = Sources()
+    curate: Curate = Curate()
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -48,6 +48,26 @@ def world(params: ParamsFile = Path("params.yaml")) -> None:
         _fail(str(err))
 
 
+@app.command()
+def curate(
+    params: ParamsFile = Path("params.yaml"),
+    metrics: Annotated[Path, typer.Option(help="Where the stage's metrics JSON goes.")] = Path(
+        "metrics/curate.json"
+    ),
+) -> None:
+    """Stage `curate`: training shards from COCO, Flickr30k and CC with the Karpathy val/test
+    images kept out; the Karpathy test sets and zero-shot sets as evaluation shards."""
+    from pipeline.sources import SourceError
+    from stages import curate as stage
+
+    try:
+        stage.run(params, metrics)
+    except ParamsError as err:
+        _fail(str(err))
+    except SourceError as err:
+        _fail(str(err), code=1)
+
+
 @demo_app.command("train-models")
 def train_models(
     work: Annotated[Path, typer.Option(help="Scratch folder for the pretraining split and runs.")] = Path(

@@ -30,6 +30,21 @@ def test_default_params_are_valid():
     assert params.world.image_size == (128, 176)
 
 
+def test_default_curate_and_sources_point_at_the_demo_world():
+    params = load_params(REPO / "params.yaml")
+    assert params.curate.captions_per_image == 1
+    assert (params.curate.mix.coco, params.curate.mix.flickr30k, params.curate.mix.cc) == (2500, 1000, 1000)
+    assert params.curate.caption.max_tokens is None
+    assert params.sources.coco.karpathy == "demo/raw/karpathy/dataset_coco.json"
+    assert params.sources.cifar100.folder == "demo/raw/cifar-100-python"
+    raw = default_raw()
+    raw["curate"]["captions_per_image"] = "all"
+    raw["sources"]["coco"]["unknown"] = 1
+    assert "sources.coco.unknown: unknown key (value 1)" in refused(raw)
+    del raw["sources"]["coco"]["unknown"]
+    assert parse_params(raw, base_dir=REPO).curate.captions_per_image == "all"
+
+
 def test_empty_file_takes_every_default(tmp_path):
     (tmp_path / "p.yaml").write_text("")
     assert load_params(tmp_path / "p.yaml").world.seed == 0
@@ -52,6 +67,18 @@ def test_empty_file_takes_every_default(tmp_path):
         (("clip", "pretrained"), "laion9000", "clip.pretrained: 'laion9000' is neither 'none', an open_clip tag for DCLIP-Demo-S16, nor a file"),
         (("detector", "model"), "yolov8q.yaml", "detector.model: unknown ultralytics model config 'yolov8q.yaml'"),
         (("detector", "weights"), "nowhere/yolo.pt", "detector.weights: weights file 'nowhere/yolo.pt' does not exist"),
+        (("curate", "mix", "cc"), -1, "curate.mix.cc: Input should be greater than or equal to 0 (value -1)"),
+        (("curate", "mix", "coco"), "42000", "curate.mix.coco: Input should be a valid integer (value '42000')"),
+        (("curate", "captions_per_image"), 5, "curate.captions_per_image: must be 1 or 'all' (value 5)"),
+        (("curate", "captions_per_image"), True, "curate.captions_per_image: must be 1 or 'all' (value True)"),
+        (("curate", "captions_per_image"), "every", "curate.captions_per_image: must be 1 or 'all' (value 'every')"),
+        (("curate", "caption", "max_tokens"), 2, "curate.caption.max_tokens: Input should be greater than or equal to 3 (value 2)"),
+        (("curate", "jpeg_quality"), 101, "curate.jpeg_quality: Input should be less than or equal to 100 (value 101)"),
+        (("curate", "image_size"), 0, "curate.image_size: Input should be greater than 0 (value 0)"),
+        (("curate", "workers"), 0, "curate.workers: Input should be greater than 0 (value 0)"),
+        (("curate", "out"), " ", "curate.out: must be a non-empty path (value ' ')"),
+        (("sources", "coco", "karpathy"), "", "sources.coco.karpathy: must be a non-empty path (value '')"),
+        (("sources", "cifar10", "folder"), 10, "sources.cifar10.folder: Input should be a valid string (value 10)"),
     ],
 )  # fmt: skip
 def test_bad_values_are_named(path, value, expected):
@@ -113,7 +140,7 @@ def test_cli_check_refuses_a_broken_file_with_exit_2(tmp_path):
 def test_cli_help_lists_the_commands():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("world", "params", "demo"):
+    for command in ("world", "curate", "params", "demo"):
         assert command in result.output
 
 

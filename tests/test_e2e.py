@@ -19,6 +19,8 @@ from .conftest import REPO, TINY_WORLD
 pytestmark = pytest.mark.e2e
 
 # What a clone carries that the pipeline needs: its definition and the code its stages depend on.
+# Small enough for the tiny world: each source fills its count.
+CURATE_MIX = {"coco": 10, "flickr30k": 6, "cc": 6}
 PROJECT_FILES = ["dvc.yaml", "demo/dvc.yaml", "demo/weights", ".dvcignore", "pipeline", "stages"]
 
 
@@ -41,6 +43,7 @@ def repo(tmp_path_factory) -> Path:
             shutil.copy2(src, root / name)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["world"] = {**TINY_WORLD, "out": params["world"]["out"]}
+    params["curate"].update(mix=CURATE_MIX, shard_size=8)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q"], root)
     sh(["git", "config", "user.email", "ci@dclip.invalid"], root)
@@ -55,9 +58,17 @@ def repo(tmp_path_factory) -> Path:
 def test_repro_runs_every_stage_then_nothing(repo):
     first = sh(["dvc", "repro"], repo)
     assert "Running stage 'demo/dvc.yaml:world'" in first
+    assert "Running stage 'curate'" in first
+    assert first.index("demo/dvc.yaml:world") < first.index("Running stage 'curate'")
     world = json.loads((repo / "demo" / "raw" / "world.json").read_text())
     assert world["coco"]["images"] == TINY_WORLD["coco"]["train2014"] + TINY_WORLD["coco"]["val2014"]
-    assert (repo / "demo" / "dvc.lock").is_file()
+    assert (repo / "demo" / "dvc.lock").is_file() and (repo / "dvc.lock").is_file()
+    metrics = json.loads((repo / "metrics" / "curate.json").read_text())
+    assert {s: metrics["train"][s]["kept_pairs"] for s in CURATE_MIX} == CURATE_MIX
+    assert (repo / "data" / "curated" / "train.parquet").is_file()
+    # The stage lists exactly the params keys it reads.
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["curate"]
+    assert set(lock["params"]["params.yaml"]) == {"curate", "sources", "clip.model"}
 
     second = sh(["dvc", "repro"], repo)
     assert "Running stage" not in second

@@ -1,0 +1,50 @@
+"""Stage `curate` (dvc.yaml): raw COCO / Flickr30k / CC into training shards with the Karpathy
+val and test images kept out; the Karpathy test sets and zero-shot sets as evaluation shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from pipeline.captions import clip_token_counter
+from pipeline.config import ParamsError, load_params
+from pipeline.curate import SourcePaths, curate
+
+METRICS = Path("metrics/curate.json")
+
+
+def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) -> dict:
+    params = load_params(params_file)
+    root = params_file.parent
+    paths = SourcePaths.resolve(params.sources, root)
+    missing = paths.missing()
+    if missing:
+        raise ParamsError(
+            f"{params_file}: {len(missing)} raw input(s) not found\n"
+            + "\n".join(f"  {key}: {path} does not exist" for key, path in missing)
+        )
+    count_tokens, context = clip_token_counter(params.clip.model)
+    max_tokens = params.curate.caption.max_tokens or context
+    if max_tokens > context:
+        raise ParamsError(
+            f"{params_file}: curate.caption.max_tokens: {max_tokens} exceeds the context length of "
+            f"clip.model {params.clip.model!r} ({context}); longer captions would be cut by the tokenizer"
+        )
+    start = time.perf_counter()
+    metrics = curate(params.curate, paths, root / params.curate.out, count_tokens, max_tokens, progress)
+    seconds = time.perf_counter() - start
+    _write_json(root / metrics_file, metrics)
+    pairs = {s: metrics["train"][s]["kept_pairs"] for s in ("coco", "flickr30k", "cc")}
+    shards = metrics["train"]["total"]["shards"]
+    print(json.dumps({"seconds": round(seconds, 1), "pairs": pairs, "shards": shards}))
+    return metrics
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Atomically: a metrics file is never half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)

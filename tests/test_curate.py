@@ -1,0 +1,528 @@
+"""pipeline.curate: the data mix, the leakage guard, bad input, determinism — on the tiny demo world
+and on hand-written fixtures in the real formats."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.captions import check_captions, clean_caption, clip_token_counter
+from pipeline.config import Curate, ParamsError
+from pipeline.curate import (
+    CHUNK,
+    EXCLUDED_REASONS,
+    Decoder,
+    SourcePaths,
+    curate,
+    key_stem,
+    pick_caption,
+    rank,
+)
+from pipeline.images import decode
+from pipeline.shards import read_shard
+from pipeline.sources import SourceError, read_karpathy
+
+CAPTION_REASONS = {"caption_missing", "caption_empty", "caption_too_long"}
+PRE_TRY = {"heldout_id", "heldout_filename", "failed_to_download", "no_image"}
+
+
+def paths_for(world: Path) -> SourcePaths:
+    return SourcePaths(
+        coco_images=world / "coco",
+        coco_train_annotations=world / "coco" / "annotations" / "captions_train2017.json",
+        coco_karpathy=world / "karpathy" / "dataset_coco.json",
+        flickr30k_images=world / "flickr30k" / "flickr30k-images",
+        flickr30k_karpathy=world / "karpathy" / "dataset_flickr30k.json",
+        cc_shards=world / "cc",
+        imagenet_val=world / "imagenet" / "val",
+        cifar10=world / "cifar-10-batches-py",
+        cifar100=world / "cifar-100-python",
+    )
+
+
+def settings(coco: int, flickr30k: int, cc: int, **kw) -> Curate:
+    raw = {"mix": {"coco": coco, "flickr30k": flickr30k, "cc": cc}, "shard_size": 8, "workers": 1, **kw}
+    return Curate.model_validate(raw)
+
+
+@pytest.fixture(scope="session")
+def tokens():
+    """The demo CLIP's own tokenizer (context 32)."""
+    return clip_token_counter("DCLIP-Demo-S16")
+
+
+def run(world: Path, out: Path, cfg: Curate, tokens, max_tokens: int | None = None) -> dict:
+    count, context = tokens
+    return curate(cfg, paths_for(world), out, count, max_tokens or context, progress=False)
+
+
+def rejects(out: Path) -> list[dict]:
+    return pq.read_table(out / "rejects.parquet").to_pylist()
+
+
+def manifest(out: Path) -> list[dict]:
+    return pq.read_table(out / "train.parquet").to_pylist()
+
+
+def samples(folder: Path) -> dict[str, dict[str, bytes]]:
+    return {k: s for shard in sorted(folder.glob("*.tar")) for k, s in read_shard(shard)}
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- the tiny world, every candidate tried ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def everything(tiny_world, tmp_path_factory, tokens):
+    """Mix larger than every source: each candidate is tried, so each planted overlap is met."""
+    out = tmp_path_factory.mktemp("curate") / "curated"
+    metrics = run(tiny_world, out, settings(1000, 1000, 1000, workers=2), tokens)
+    return out, metrics
+
+
+def test_every_planted_overlap_is_caught(tiny_world, everything):
+    out, metrics = everything
+    planted = json.loads((tiny_world / "world.json").read_text())["planted_duplicates"]
+    assert planted, "the tiny world plants overlaps"
+    refused = {(r["source"], r["id"]): r for r in rejects(out)}
+    kept = {(m["source"], m["id"]) for m in manifest(out)}
+    for p in planted:
+        copy = p["copy"]
+        if copy.startswith("flickr30k/"):
+            where = ("flickr30k", copy.rsplit("/", 1)[1])
+        else:
+            assert copy.startswith("cc/")
+            where = ("cc", copy.split(":", 1)[1])
+        assert where not in kept
+        assert refused[where]["reason"] == "heldout_hash", where
+        assert "test" in refused[where]["detail"]
+    caught = sum(m["excluded"].get("heldout_hash", 0) for s, m in metrics["train"].items() if s != "total")
+    assert caught == len(planted)
+
+
+def test_no_karpathy_val_or_test_image_reaches_training(tiny_world, everything):
+    out, metrics = everything
+    coco_held = {
+        str(im.cocoid)
+        for im in read_karpathy(tiny_world / "karpathy" / "dataset_coco.json")
+        if im.split in ("val", "test")
+    }
+    flickr_held = {
+        im.filename
+        for im in read_karpathy(tiny_world / "karpathy" / "dataset_flickr30k.json")
+        if im.split in ("val", "test")
+    }
+    rows = manifest(out)
+    assert not {r["id"] for r in rows if r["source"] == "coco"} & coco_held
+    assert not {r["id"] for r in rows if r["source"] == "flickr30k"} & flickr_held
+    # train2017 holds Karpathy test images, as real COCO does: they were excluded by id.
+    train2017 = json.loads((tiny_world / "coco" / "annotations" / "captions_train2017.json").read_text())
+    in_train2017 = {str(im["id"]) for im in train2017["images"]} & coco_held
+    assert in_train2017 and metrics["train"]["coco"]["excluded"]["heldout_id"] == len(in_train2017)
+    assert metrics["train"]["flickr30k"]["excluded"]["heldout_filename"] == len(flickr_held)
+
+
+def test_counts_add_up_per_source(tiny_world, everything):
+    out, metrics = everything
+    world = json.loads((tiny_world / "world.json").read_text())
+    by_source = Counter(r["source"] for r in manifest(out))
+    for source in ("coco", "flickr30k", "cc"):
+        m = metrics["train"][source]
+        assert m["kept_pairs"] == m["kept_images"] == by_source[source]
+        assert m["shortfall"] == m["asked"] - m["kept_pairs"] > 0
+        refused = {**m["excluded"], **m["rejected"]}
+        image_level = sum(n for r, n in refused.items() if r not in CAPTION_REASONS | PRE_TRY)
+        assert m["tried"] == m["kept_images"] + image_level
+        assert m["candidates"] == m["tried"] + sum(n for r, n in refused.items() if r in PRE_TRY)
+    cc = metrics["train"]["cc"]
+    assert cc["candidates"] == world["cc"]["samples"]
+    assert cc["rejected"]["failed_to_download"] == world["cc"]["failed_to_download"]
+    assert cc["rejected"]["truncated"] == world["cc"]["corrupt"]
+    assert metrics["train"]["coco"]["candidates"] == world["coco"]["train2017"]
+    assert metrics["train"]["total"]["pairs"] == sum(by_source.values())
+
+
+def test_outputs_are_consistent_webdataset_and_parquet(tiny_world, everything):
+    out, metrics = everything
+    rows = manifest(out)
+    assert len({r["key"] for r in rows}) == len(rows)
+    train = samples(out / "train")
+    assert set(train) == {r["key"] for r in rows}
+    for r in rows:
+        s = train[r["key"]]
+        assert (out / r["shard"]).is_file() and set(s) == {"jpg", "txt", "json"}
+        meta = json.loads(s["json"])
+        assert s["txt"].decode() == r["caption"] == meta["caption"]
+        assert (meta["source"], meta["id"], meta["width"], meta["height"]) == (
+            r["source"],
+            r["id"],
+            r["width"],
+            r["height"],
+        )
+        assert min(meta["width"], meta["height"]) <= 160 and decode(s["jpg"]).size == (
+            r["width"],
+            r["height"],
+        )
+        assert r["key"] == f"{r['image']}-{r['caption_index']}"
+    # Shards mix the sources (a seeded shuffle), not one source after another.
+    first = [r["source"] for r in rows if r["shard"] == "train/00000.tar"]
+    assert len(set(first)) > 1
+    # Test sets: every caption of every Karpathy test image.
+    world = json.loads((tiny_world / "world.json").read_text())
+    for name, n in (("coco", world["coco"]["karpathy"]["test"]), ("flickr30k", world["flickr30k"]["test"])):
+        test = pq.read_table(out / "test" / f"{name}.parquet").to_pylist()
+        assert len(test) == n == metrics["test"][name]["images"]
+        assert all(len(t["captions"]) == 5 for t in test)
+        shard = samples(out / "test" / name)
+        assert json.loads(shard[test[0]["key"]]["json"])["captions"] == test[0]["captions"]
+        assert shard[test[0]["key"]]["txt"].decode().split("\n") == test[0]["captions"]
+    # Zero-shot sets, with class names and a label per sample.
+    for name, classes in (("imagenet", 100), ("cifar10", 10), ("cifar100", 100)):
+        names = json.loads((out / "zeroshot" / f"{name}.json").read_text())["classnames"]
+        table = pq.read_table(out / "zeroshot" / f"{name}.parquet").to_pylist()
+        assert len(names) == classes == metrics["zeroshot"][name]["classes"]
+        assert len(table) == metrics["zeroshot"][name]["images"] > 0
+        s = samples(out / "zeroshot" / name)[table[0]["key"]]
+        assert int(s["cls"]) == table[0]["label"] == json.loads(s["json"])["label"]
+    cifar = samples(out / "zeroshot" / "cifar10")
+    assert all(decode(s["png"]).size == (32, 32) for s in cifar.values())
+    # Nothing else is left in the output: no spill file, no temporary names.
+    assert not [p for p in out.rglob(".*")]
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+# --- the data mix -------------------------------------------------------------------------------
+
+
+def test_exact_counts_and_byte_identical_outputs_whatever_the_workers(tiny_world, tmp_path, tokens):
+    a = run(tiny_world, tmp_path / "a", settings(7, 4, 5, workers=1), tokens)
+    b = run(tiny_world, tmp_path / "b", settings(7, 4, 5, workers=2), tokens)
+    assert a == b
+    assert {s: a["train"][s]["kept_pairs"] for s in ("coco", "flickr30k", "cc")} == {
+        "coco": 7,
+        "flickr30k": 4,
+        "cc": 5,
+    }
+    assert tree(tmp_path / "a") == tree(tmp_path / "b")
+    # Selection follows the seeded rank: nothing refused, so the 7 best-ranked candidates are kept.
+    rows = manifest(tmp_path / "a")
+    held = {
+        str(im.cocoid)
+        for im in read_karpathy(tiny_world / "karpathy" / "dataset_coco.json")
+        if im.split in ("val", "test")
+    }
+    train2017 = json.loads((tiny_world / "coco" / "annotations" / "captions_train2017.json").read_text())
+    candidates = sorted(
+        {str(im["id"]) for im in train2017["images"]} - held, key=lambda i: rank(0, "coco", i)
+    )
+    refused = [
+        r for r in rejects(tmp_path / "a") if r["source"] == "coco" and r["reason"] not in EXCLUDED_REASONS
+    ]
+    assert not refused
+    assert {r["id"] for r in rows if r["source"] == "coco"} == set(candidates[:7])
+    # A new seed draws a different sample.
+    c = run(tiny_world, tmp_path / "c", settings(7, 4, 5, seed=1), tokens)
+    assert c["train"]["coco"]["kept_pairs"] == 7
+    assert {r["id"] for r in manifest(tmp_path / "c")} != {r["id"] for r in rows}
+
+
+def test_captions_per_image_one_draws_one_caption_per_image(tiny_world, tmp_path, tokens):
+    run(tiny_world, tmp_path / "one", settings(12, 0, 0), tokens)
+    rows = manifest(tmp_path / "one")
+    assert len(rows) == len({r["image"] for r in rows}) == 12
+    for r in rows:
+        assert r["caption_index"] == pick_caption(0, "coco", r["id"], 5)
+
+
+def test_captions_per_image_all_pairs_every_caption_up_to_the_count(tiny_world, tmp_path, tokens):
+    metrics = run(tiny_world, tmp_path / "all", settings(12, 0, 0, captions_per_image="all"), tokens)
+    rows = manifest(tmp_path / "all")
+    per_image = Counter(r["image"] for r in rows)
+    assert len(rows) == 12 and sorted(per_image.values()) == [2, 5, 5]
+    assert metrics["train"]["coco"]["kept_images"] == 3
+    last = next(img for img, n in per_image.items() if n == 2)
+    assert sorted(r["caption_index"] for r in rows if r["image"] == last) == [0, 1]
+    # The pairs of one image carry the same picture.
+    by_key = samples(tmp_path / "all" / "train")
+    first = next(img for img, n in per_image.items() if n == 5)
+    assert len({by_key[f"{first}-{i}"]["jpg"] for i in range(5)}) == 1
+
+
+# --- bad input: a hand-written COCO overlay on the tiny world ----------------------------------------
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _picture(seed: int, w: int = 60, h: int = 40) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+
+
+GOOD = ["A red circle.", "A blue square.", "Two shapes.", "A green star.", "Shapes on grey."]
+LONG = " ".join(["a very long caption about red circles"] * 10)
+
+
+@pytest.fixture(scope="module")
+def bad_world(tiny_world, tmp_path_factory):
+    """The tiny world plus COCO train images and captions of every awkward kind. Returns
+    (world folder, {name: COCO id})."""
+    world = tmp_path_factory.mktemp("bad") / "raw"
+    shutil.copytree(tiny_world, world)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90° clockwise to view
+    flickr_val = next(
+        im for im in read_karpathy(world / "karpathy" / "dataset_flickr30k.json") if im.split == "val"
+    )
+    flickr_val_pixels = decode((world / "flickr30k" / "flickr30k-images" / flickr_val.filename).read_bytes())
+    twin = _jpeg(_picture(9))
+    files = {
+        "truncated": _jpeg(_picture(1))[:300],
+        "png_named_jpg": _png(_picture(2)),
+        "cmyk": _jpeg(_picture(3).convert("CMYK")),
+        "greyscale": _jpeg(_picture(4).convert("L")),
+        "sixteen_bit": _png(Image.fromarray(np.arange(2400, dtype=np.uint16).reshape(40, 60) * 27)),
+        "palette": _png(_picture(5).convert("P")),
+        "exif_rotated": _jpeg(_picture(6), exif=exif),
+        "zero_bytes": b"",
+        "missing": None,
+        "flickr_val_copy": _png(flickr_val_pixels),  # same pixels, other bytes, other format
+        "twin_a": twin,
+        "twin_b": twin,
+        "no_caption": _jpeg(_picture(10)),
+        "long_caption": _jpeg(_picture(11)),
+        "non_ascii": _jpeg(_picture(12)),
+        "control_chars": _jpeg(_picture(13)),
+    }
+    captions = {
+        "no_caption": ["", "   \t "],
+        "long_caption": [LONG, "A fine caption."],
+        "non_ascii": ["Un cafe\u0301 à Paris — 東京の夜景 🌃"],
+        "control_chars": ["A\x00 red\u200b\tcircle\n\n on\u00a0 grey "],
+    }
+    ann_path = world / "coco" / "annotations" / "captions_train2017.json"
+    doc = json.loads(ann_path.read_text())
+    ids, ann_id = {}, 10_000_000
+    for n, (name, data) in enumerate(files.items()):
+        cocoid = 900_001 + n
+        ids[name] = str(cocoid)
+        file_name = f"{cocoid:012d}.jpg"
+        if data is not None:
+            (world / "coco" / "train2017" / file_name).write_bytes(data)
+        doc["images"].append({"id": cocoid, "file_name": file_name, "width": 60, "height": 40})
+        for text in captions.get(name, GOOD):
+            doc["annotations"].append({"image_id": cocoid, "id": ann_id, "caption": text})
+            ann_id += 1
+    ann_path.write_text(json.dumps(doc))
+    return world, ids, flickr_val.filename
+
+
+@pytest.fixture(scope="module")
+def bad_out(bad_world, tmp_path_factory, tokens):
+    world, _, _ = bad_world
+    out = tmp_path_factory.mktemp("bad-out") / "curated"
+    metrics = run(
+        world, out, settings(1000, 0, 0, workers=2, captions_per_image="all"), tokens, max_tokens=32
+    )
+    return out, metrics
+
+
+def test_each_bad_image_is_kept_correctly_or_refused_with_its_reason(bad_world, bad_out):
+    world, ids, flickr_val = bad_world
+    out, metrics = bad_out
+    refused = {}
+    for r in rejects(out):
+        if r["source"] == "coco":
+            refused.setdefault(r["id"], []).append(r["reason"])
+    kept = {r["id"]: r for r in manifest(out) if r["source"] == "coco"}
+    assert refused[ids["truncated"]] == ["truncated"]
+    assert refused[ids["zero_bytes"]] == ["empty_file"]
+    assert refused[ids["missing"]] == ["missing_file"]
+    assert refused[ids["flickr_val_copy"]] == ["heldout_hash"]  # the hand-written overlap
+    assert any(flickr_val in r["detail"] for r in rejects(out) if r["id"] == ids["flickr_val_copy"])
+    twins = [ids["twin_a"] in kept, ids["twin_b"] in kept]
+    assert sorted(twins) == [False, True]
+    loser = ids["twin_b"] if twins[0] else ids["twin_a"]
+    assert refused[loser] == ["duplicate"]
+    train = samples(out / "train")
+    for name in ("png_named_jpg", "cmyk", "greyscale", "sixteen_bit", "palette", "exif_rotated"):
+        assert ids[name] in kept, name
+        img = decode(train[kept[ids[name]]["key"]]["jpg"])
+        assert img.mode == "RGB"
+    # EXIF orientation applied: stored 60×40 sideways, shown 40×60.
+    assert (kept[ids["exif_rotated"]]["width"], kept[ids["exif_rotated"]]["height"]) == (40, 60)
+    meta = json.loads(train[kept[ids["exif_rotated"]]["key"]]["json"])
+    assert (meta["original_width"], meta["original_height"]) == (40, 60)
+    # 16-bit greyscale is scaled, not clipped to white.
+    grey = np.asarray(decode(train[kept[ids["sixteen_bit"]]["key"]]["jpg"]))
+    assert grey.mean() < 200
+    assert metrics["train"]["coco"]["rejected"]["truncated"] == 1
+
+
+def test_each_bad_caption_is_cleaned_or_refused(bad_world, bad_out):
+    world, ids, _ = bad_world
+    out, _ = bad_out
+    rows = manifest(out)
+    by_id = {}
+    for r in rows:
+        by_id.setdefault(r["id"], []).append(r)
+    refused = [r for r in rejects(out) if r["source"] == "coco"]
+    no_caption = sorted(r["reason"] for r in refused if r["id"] == ids["no_caption"])
+    assert no_caption == ["caption_empty", "caption_empty", "no_valid_caption"]
+    assert ids["no_caption"] not in by_id
+    long = [r for r in refused if r["id"] == ids["long_caption"]]
+    assert [r["reason"] for r in long] == ["caption_too_long"] and "caption 0" in long[0]["detail"]
+    assert [(r["caption_index"], r["caption"]) for r in by_id[ids["long_caption"]]] == [
+        (1, "A fine caption.")
+    ]
+    assert by_id[ids["non_ascii"]][0]["caption"] == "Un café à Paris — 東京の夜景 🌃"
+    assert by_id[ids["control_chars"]][0]["caption"] == "A red circle on grey"
+    train = samples(out / "train")
+    assert train[by_id[ids["non_ascii"]][0]["key"]]["txt"].decode() == "Un café à Paris — 東京の夜景 🌃"
+
+
+def test_a_malformed_annotation_file_names_the_file_and_key(tiny_world, tmp_path, tokens):
+    world = tmp_path / "raw"
+    shutil.copytree(tiny_world, world)
+    out = tmp_path / "curated"
+    run(world, out, settings(3, 0, 0), tokens)
+    before = tree(out)
+    ann = world / "coco" / "annotations" / "captions_train2017.json"
+    doc = json.loads(ann.read_text())
+    doc["annotations"][3]["caption"] = 17
+    ann.write_text(json.dumps(doc))
+    with pytest.raises(
+        SourceError, match=r"captions_train2017\.json: annotations\[3\]\.caption: expected a string, got int"
+    ):
+        run(world, out, settings(3, 0, 0), tokens)
+    # The earlier output is untouched; no half output is left beside it.
+    assert tree(out) == before
+    assert not (tmp_path / "curated.partial").exists()
+    karpathy = world / "karpathy" / "dataset_coco.json"
+    doc = json.loads(karpathy.read_text())
+    del doc["images"][2]["cocoid"]
+    karpathy.write_text(json.dumps(doc))
+    with pytest.raises(SourceError, match=r"dataset_coco\.json: images\[2\]\.cocoid: missing"):
+        run(world, tmp_path / "other", settings(3, 0, 0), tokens)
+    doc["images"][2]["split"] = "testing"
+    karpathy.write_text(json.dumps(doc))
+    with pytest.raises(SourceError, match=r"dataset_coco\.json: images\[2\]\.split: unknown split 'testing'"):
+        run(world, tmp_path / "other", settings(3, 0, 0), tokens)
+
+
+def test_the_stage_names_each_missing_raw_input(tmp_path):
+    from stages.curate import run as stage_run
+
+    (tmp_path / "params.yaml").write_text("sources:\n  cc:\n    shards: nowhere/cc\n")
+    with pytest.raises(ParamsError) as err:
+        stage_run(tmp_path / "params.yaml", progress=False)
+    assert "sources.cc.shards: " in str(err.value) and "nowhere/cc does not exist" in str(err.value)
+    assert "sources.coco.karpathy: " in str(err.value)
+
+
+def test_the_stage_refuses_a_caption_limit_beyond_the_models_context(tiny_world, tmp_path, tokens):
+    import yaml
+
+    from stages.curate import run as stage_run
+
+    p = paths_for(tiny_world)
+    sources = {
+        "coco": {
+            "images": str(p.coco_images),
+            "train_annotations": str(p.coco_train_annotations),
+            "karpathy": str(p.coco_karpathy),
+        },
+        "flickr30k": {"images": str(p.flickr30k_images), "karpathy": str(p.flickr30k_karpathy)},
+        "cc": {"shards": str(p.cc_shards)},
+        "imagenet": {"val": str(p.imagenet_val)},
+        "cifar10": {"folder": str(p.cifar10)},
+        "cifar100": {"folder": str(p.cifar100)},
+    }
+    raw = {"clip": {"model": "DCLIP-Demo-S16"}, "sources": sources, "curate": {"caption": {"max_tokens": 40}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(
+        ParamsError,
+        match=r"curate.caption.max_tokens: 40 exceeds the context length of clip.model 'DCLIP-Demo-S16' \(32\)",
+    ):
+        stage_run(tmp_path / "params.yaml", progress=False)
+    assert not (tmp_path / "data").exists()
+
+
+# --- the pieces --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("  A red\tcircle \n", "A red circle"),
+        ("A\x00B\x7f C", "AB C"),
+        ("zero\u200bwidth\ufeff", "zerowidth"),
+        ("non\u00a0breaking", "non breaking"),
+        ("cafe\u0301", "café"),
+        ("東京の夜景", "東京の夜景"),
+        (" \t\n ", ""),
+    ],
+)
+def test_clean_caption(raw, clean):
+    assert clean_caption(raw) == clean
+
+
+def test_check_captions_with_the_real_clip_tokenizer(tokens):
+    count, context = tokens
+    assert context == 32 and count("a red circle") == 5  # start, 3 words, end
+    check = check_captions([None, " ", "a red circle", LONG], count, context)
+    assert check.kept == ((2, "a red circle"),)
+    assert [(r.index, r.reason) for r in check.refused] == [
+        (0, "caption_missing"),
+        (1, "caption_empty"),
+        (3, "caption_too_long"),
+    ]
+
+
+def test_rank_keys_and_caption_draws_are_fixed_by_seed_and_id():
+    assert rank(0, "coco", "1") == rank(0, "coco", "1") != rank(1, "coco", "1") != rank(0, "cc", "1")
+    assert {pick_caption(0, "coco", str(i), 5) for i in range(50)} == set(range(5))
+    assert key_stem("1000092795.jpg") == "1000092795" and key_stem("000000012") == "000000012"
+    odd = key_stem("my photo (1).jpg")
+    assert odd.startswith("h") and odd == key_stem("my photo (1).jpg") != key_stem("my photo (2).jpg")
+
+
+def test_decoder_keeps_order_and_reads_ahead_only_a_bounded_window():
+    pulled = 0
+
+    def jobs():
+        nonlocal pulled
+        for i in range(10_000):
+            pulled += 1
+            yield i, b"x" * (i % 7)
+
+    with Decoder(2) as decoder:
+        results = []
+        for meta, n in decoder.map(len, jobs()):
+            results.append((meta, n))
+            if len(results) == 40:
+                break
+        assert results == [(i, i % 7) for i in range(40)]
+        assert pulled <= 40 + 2 * 3 * CHUNK + CHUNK
+    with Decoder(1) as decoder:
+        assert list(decoder.map(len, ((i, b"ab") for i in range(5)))) == [(i, 2) for i in range(5)]
