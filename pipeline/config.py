@@ -269,12 +269,32 @@ class Curate(Section):
 class CocoSource(Section):
     images: PathStr = "demo/raw/coco"  # holds train2017/ and val2017/ (or the 2014 folders)
     train_annotations: PathStr = "demo/raw/coco/annotations/captions_train2017.json"
-    karpathy: PathStr = "demo/raw/karpathy/dataset_coco.json"
 
 
 class Flickr30kSource(Section):
     images: PathStr = "demo/raw/flickr30k/flickr30k-images"
-    karpathy: PathStr = "demo/raw/karpathy/dataset_flickr30k.json"
+
+
+def _file_name(v: str | None) -> str | None:
+    if v is not None and (not v.strip() or "/" in v or "\\" in v or v in (".", "..")):
+        raise ValueError("must be a file name inside sources.karpathy.folder, without a folder")
+    return v
+
+
+FileName = Annotated[str, AfterValidator(_file_name)]
+
+
+class KarpathySource(Section):
+    """Karpathy's split files, all in one folder: DVC depends on the folder as a whole, so the
+    optional CLIP_benchmark files need no dvc.yaml entry of their own."""
+
+    folder: PathStr = "demo/raw/karpathy"
+    coco: FileName = "dataset_coco.json"  # its val and test images are held out of training
+    flickr30k: FileName = "dataset_flickr30k.json"
+    # Optional: take a test set (images and captions) from CLIP_benchmark's file instead of the
+    # Karpathy JSON; its images are held out too.
+    coco_test: Annotated[str | None, AfterValidator(_file_name)] = None  # coco_test_karpathy.json
+    flickr30k_test: Annotated[str | None, AfterValidator(_file_name)] = None  # flickr30k_test_karpathy.txt
 
 
 class CcSource(Section):
@@ -296,6 +316,7 @@ class Sources(Section):
 
     coco: CocoSource = CocoSource()
     flickr30k: Flickr30kSource = Flickr30kSource()
+    karpathy: KarpathySource = KarpathySource()
     cc: CcSource = CcSource()
     imagenet: ImagenetSource = ImagenetSource()
     cifar10: CifarSource = CifarSource(folder="demo/raw/cifar-10-batches-py")

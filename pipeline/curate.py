@@ -56,7 +56,9 @@ from pipeline.sources import (
     iter_shards,
     read_captions,
     read_cifar,
+    read_coco_test_karpathy,
     read_failures,
+    read_flickr30k_test_karpathy,
     read_imagenet_val,
     read_karpathy,
 )
@@ -129,39 +131,47 @@ class SourcePaths:
     imagenet_val: Path
     cifar10: Path
     cifar100: Path
+    coco_test: Path | None = None  # CLIP_benchmark's files, when the test sets come from them
+    flickr30k_test: Path | None = None
 
     KEYS = {
         "coco_images": "sources.coco.images",
         "coco_train_annotations": "sources.coco.train_annotations",
-        "coco_karpathy": "sources.coco.karpathy",
+        "coco_karpathy": "sources.karpathy.coco",
         "flickr30k_images": "sources.flickr30k.images",
-        "flickr30k_karpathy": "sources.flickr30k.karpathy",
+        "flickr30k_karpathy": "sources.karpathy.flickr30k",
         "cc_shards": "sources.cc.shards",
         "imagenet_val": "sources.imagenet.val",
         "cifar10": "sources.cifar10.folder",
         "cifar100": "sources.cifar100.folder",
+        "coco_test": "sources.karpathy.coco_test",
+        "flickr30k_test": "sources.karpathy.flickr30k_test",
     }
 
     @classmethod
     def resolve(cls, sources: Sources, base_dir: Path | str) -> SourcePaths:
         base = Path(base_dir)
+        karpathy = base / sources.karpathy.folder
         return cls(
             coco_images=base / sources.coco.images,
             coco_train_annotations=base / sources.coco.train_annotations,
-            coco_karpathy=base / sources.coco.karpathy,
+            coco_karpathy=karpathy / sources.karpathy.coco,
             flickr30k_images=base / sources.flickr30k.images,
-            flickr30k_karpathy=base / sources.flickr30k.karpathy,
+            flickr30k_karpathy=karpathy / sources.karpathy.flickr30k,
             cc_shards=base / sources.cc.shards,
             imagenet_val=base / sources.imagenet.val,
             cifar10=base / sources.cifar10.folder,
             cifar100=base / sources.cifar100.folder,
+            coco_test=karpathy / sources.karpathy.coco_test if sources.karpathy.coco_test else None,
+            flickr30k_test=(
+                karpathy / sources.karpathy.flickr30k_test if sources.karpathy.flickr30k_test else None
+            ),
         )
 
     def missing(self) -> list[tuple[str, Path]]:
         """(params key, path) of every input that does not exist."""
-        return [
-            (key, getattr(self, name)) for name, key in self.KEYS.items() if not getattr(self, name).exists()
-        ]
+        paths = ((key, getattr(self, name)) for name, key in self.KEYS.items())
+        return [(key, path) for key, path in paths if path is not None and not path.exists()]
 
 
 # --- ranks, keys, captions -------------------------------------------------------------------------
@@ -588,6 +598,34 @@ def _coco_heldout(path: Path, index: dict[int, Path]) -> tuple[set[int], list[He
     return ids, items
 
 
+_COCO_ID = re.compile(r"(\d+)\.jpe?g$", re.IGNORECASE)
+
+
+def _coco_test_file(path: Path, index: dict[int, Path]) -> list[HeldOut]:
+    """The COCO test set from CLIP_benchmark's file; images are found by the COCO id in their
+    2014 file name, in whichever COCO image folders exist."""
+    items = []
+    for i, im in enumerate(read_coco_test_karpathy(path)):
+        found = _COCO_ID.search(im.filename)
+        if found is None:
+            raise SourceError(f"{path}: images[{i}].file_name: no COCO id in {im.filename!r}")
+        cocoid = int(found.group(1))
+        items.append(HeldOut(str(cocoid), f"{cocoid:012d}", "test", index.get(cocoid), im.captions))
+    return items
+
+
+def _flickr_test_file(path: Path, folder: Path) -> list[HeldOut]:
+    return [
+        HeldOut(im.filename, key_stem(im.filename), "test", folder / im.filename, im.captions)
+        for im in read_flickr30k_test_karpathy(path)
+    ]
+
+
+def _replace_test(items: list[HeldOut], test: list[HeldOut]) -> list[HeldOut]:
+    """Karpathy's val images, then the given test set (whose images are held out as well)."""
+    return [h for h in items if h.split == "val"] + test
+
+
 def _flickr_heldout(path: Path, folder: Path) -> tuple[list, list[HeldOut]]:
     everything, items = read_karpathy(path), []
     for im in everything:
@@ -845,19 +883,31 @@ def curate(
         coco_index = index_images(paths.coco_images)
         coco_heldout_ids, coco_heldout = _coco_heldout(paths.coco_karpathy, coco_index)
         flickr_all, flickr_heldout = _flickr_heldout(paths.flickr30k_karpathy, paths.flickr30k_images)
+        if paths.coco_test is not None:
+            coco_heldout = _replace_test(coco_heldout, _coco_test_file(paths.coco_test, coco_index))
+            coco_heldout_ids |= {int(h.id) for h in coco_heldout}
+        if paths.flickr30k_test is not None:
+            flickr_heldout = _replace_test(
+                flickr_heldout, _flickr_test_file(paths.flickr30k_test, paths.flickr30k_images)
+            )
+        flickr_out = {h.id: h.split for h in flickr_heldout}
         coco_train = read_captions(paths.coco_train_annotations)
         with Decoder(cfg.workers) as decoder:
             test = {
                 "coco": _write_heldout("coco", coco_heldout, tmp, decoder, cfg, sel, progress),
                 "flickr30k": _write_heldout("flickr30k", flickr_heldout, tmp, decoder, cfg, sel, progress),
             }
+            # Which file each test set came from: Karpathy's JSON or CLIP_benchmark's.
+            test["coco"]["annotations"] = (paths.coco_test or paths.coco_karpathy).name
+            test["flickr30k"]["annotations"] = (paths.flickr30k_test or paths.flickr30k_karpathy).name
             # COCO: train2017 (or train2014) captions, Karpathy val/test ids out.
             split_of = {int(h.id): h.split for h in coco_heldout}
             ranked = []
             for cocoid, im in coco_train.items():
                 image_id = str(cocoid)
                 if cocoid in coco_heldout_ids:
-                    ledger.refuse("coco", image_id, "heldout_id", f"Karpathy {split_of[cocoid]} image")
+                    split = split_of.get(cocoid, "test")  # a test id only the Karpathy JSON lists
+                    ledger.refuse("coco", image_id, "heldout_id", f"Karpathy {split} image")
                     continue
                 cand = Candidate("coco", image_id, f"{cocoid:012d}", im.captions)
                 ranked.append((rank(cfg.seed, "coco", image_id), cand, coco_index.get(cocoid)))
@@ -867,8 +917,9 @@ def curate(
             # Flickr30k: every Karpathy image; val and test out by file name.
             ranked = []
             for im in flickr_all:
-                if im.split in ("val", "test"):
-                    ledger.refuse("flickr30k", im.filename, "heldout_filename", f"Karpathy {im.split} image")
+                if im.split in ("val", "test") or im.filename in flickr_out:
+                    split = im.split if im.split in ("val", "test") else flickr_out[im.filename]
+                    ledger.refuse("flickr30k", im.filename, "heldout_filename", f"Karpathy {split} image")
                     continue
                 cand = Candidate("flickr30k", im.filename, key_stem(im.filename), im.captions)
                 ranked.append(

@@ -35,7 +35,9 @@ def test_default_curate_and_sources_point_at_the_demo_world():
     assert params.curate.captions_per_image == 1
     assert (params.curate.mix.coco, params.curate.mix.flickr30k, params.curate.mix.cc) == (2500, 1000, 1000)
     assert params.curate.caption.max_tokens is None
-    assert params.sources.coco.karpathy == "demo/raw/karpathy/dataset_coco.json"
+    assert params.sources.karpathy.folder == "demo/raw/karpathy"
+    assert params.sources.karpathy.coco == "dataset_coco.json"
+    assert params.sources.karpathy.coco_test is None and params.sources.karpathy.flickr30k_test is None
     assert params.sources.cifar100.folder == "demo/raw/cifar-100-python"
     raw = default_raw()
     raw["curate"]["captions_per_image"] = "all"
@@ -77,7 +79,9 @@ def test_empty_file_takes_every_default(tmp_path):
         (("curate", "image_size"), 0, "curate.image_size: Input should be greater than 0 (value 0)"),
         (("curate", "workers"), 0, "curate.workers: Input should be greater than 0 (value 0)"),
         (("curate", "out"), " ", "curate.out: must be a non-empty path (value ' ')"),
-        (("sources", "coco", "karpathy"), "", "sources.coco.karpathy: must be a non-empty path (value '')"),
+        (("sources", "karpathy", "folder"), "", "sources.karpathy.folder: must be a non-empty path (value '')"),
+        (("sources", "karpathy", "coco_test"), "x/coco_test_karpathy.json", "sources.karpathy.coco_test: must be a file name inside sources.karpathy.folder, without a folder (value 'x/coco_test_karpathy.json')"),
+        (("sources", "coco", "karpathy"), "a.json", "sources.coco.karpathy: unknown key (value 'a.json')"),
         (("sources", "cifar10", "folder"), 10, "sources.cifar10.folder: Input should be a valid string (value 10)"),
     ],
 )  # fmt: skip

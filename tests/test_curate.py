@@ -437,7 +437,7 @@ def test_the_stage_names_each_missing_raw_input(tmp_path):
     with pytest.raises(ParamsError) as err:
         stage_run(tmp_path / "params.yaml", progress=False)
     assert "sources.cc.shards: " in str(err.value) and "nowhere/cc does not exist" in str(err.value)
-    assert "sources.coco.karpathy: " in str(err.value)
+    assert "sources.karpathy.coco: " in str(err.value)
 
 
 def test_the_stage_refuses_a_caption_limit_beyond_the_models_context(tiny_world, tmp_path, tokens):
@@ -450,9 +450,9 @@ def test_the_stage_refuses_a_caption_limit_beyond_the_models_context(tiny_world,
         "coco": {
             "images": str(p.coco_images),
             "train_annotations": str(p.coco_train_annotations),
-            "karpathy": str(p.coco_karpathy),
         },
-        "flickr30k": {"images": str(p.flickr30k_images), "karpathy": str(p.flickr30k_karpathy)},
+        "flickr30k": {"images": str(p.flickr30k_images)},
+        "karpathy": {"folder": str(p.coco_karpathy.parent)},
         "cc": {"shards": str(p.cc_shards)},
         "imagenet": {"val": str(p.imagenet_val)},
         "cifar10": {"folder": str(p.cifar10)},
@@ -526,3 +526,83 @@ def test_decoder_keeps_order_and_reads_ahead_only_a_bounded_window():
         assert pulled <= 40 + 2 * 3 * CHUNK + CHUNK
     with Decoder(1) as decoder:
         assert list(decoder.map(len, ((i, b"ab") for i in range(5)))) == [(i, 2) for i in range(5)]
+
+
+# --- the test sets from CLIP_benchmark's files ------------------------------------------------------
+
+
+def with_clip_benchmark(p: SourcePaths, coco_test: Path | None = None) -> SourcePaths:
+    from dataclasses import replace
+
+    folder = p.coco_karpathy.parent
+    return replace(
+        p,
+        coco_test=coco_test or folder / "coco_test_karpathy.json",
+        flickr30k_test=folder / "flickr30k_test_karpathy.txt",
+    )
+
+
+def test_clip_benchmark_files_give_the_same_test_sets_as_karpathys_json(
+    tiny_world, everything, tmp_path, tokens
+):
+    out, metrics = everything
+    count, context = tokens
+    other = tmp_path / "curated"
+    got = curate(
+        settings(3, 3, 3), with_clip_benchmark(paths_for(tiny_world)), other, count, context, progress=False
+    )
+    assert got["test"]["coco"].pop("annotations") == "coco_test_karpathy.json"
+    assert got["test"]["flickr30k"].pop("annotations") == "flickr30k_test_karpathy.txt"
+    assert {k: {**v, "annotations": None} for k, v in got["test"].items()} == {
+        k: {**v, "annotations": None} for k, v in metrics["test"].items()
+    }
+    # The same images, captions and bytes; only the order differs (CLIP_benchmark's COCO file
+    # lists images by id).
+    for name in ("coco", "flickr30k"):
+        a, b = samples(out / "test" / name), samples(other / "test" / name)
+        assert a and a == b
+
+        def by_key(root):
+            return sorted((r["key"], r["id"], r["captions"]) for r in pq.read_table(root).to_pylist())
+
+        assert by_key(out / "test" / f"{name}.parquet") == by_key(other / "test" / f"{name}.parquet")
+
+
+def test_an_image_only_clip_benchmarks_file_calls_test_is_held_out_of_training(tiny_world, tmp_path, tokens):
+    doc = json.loads((tiny_world / "karpathy" / "coco_test_karpathy.json").read_text())
+    karpathy_train = [
+        im
+        for im in read_karpathy(tiny_world / "karpathy" / "dataset_coco.json")
+        if im.split in ("train", "restval")
+    ]
+    extra = karpathy_train[0]
+    doc["images"].append({"id": extra.cocoid, "file_name": extra.filename, "width": 1, "height": 1})
+    doc["annotations"].append({"image_id": extra.cocoid, "id": 10**6, "caption": "An extra test image."})
+    edited = tmp_path / "coco_test_karpathy.json"
+    edited.write_text(json.dumps(doc))
+    count, context = tokens
+    paths = with_clip_benchmark(paths_for(tiny_world), coco_test=edited)
+    out = tmp_path / "curated"
+    metrics = curate(settings(1000, 0, 0), paths, out, count, context, progress=False)
+    assert str(extra.cocoid) not in {r["id"] for r in manifest(out)}
+    refused = {(r["source"], r["id"]): r for r in rejects(out)}
+    assert refused[("coco", str(extra.cocoid))]["reason"] == "heldout_id"
+    test_ids = [r["id"] for r in pq.read_table(out / "test" / "coco.parquet").to_pylist()]
+    assert str(extra.cocoid) in test_ids and len(test_ids) == len(doc["images"])
+    assert metrics["test"]["coco"]["listed"] == len(doc["images"])
+
+
+def test_a_coco_test_file_name_without_an_id_is_named(tiny_world, tmp_path, tokens):
+    doc = json.loads((tiny_world / "karpathy" / "coco_test_karpathy.json").read_text())
+    doc["images"][1]["file_name"] = "COCO_val2014_unknown.png"
+    edited = tmp_path / "coco_test_karpathy.json"
+    edited.write_text(json.dumps(doc))
+    count, context = tokens
+    with pytest.raises(SourceError, match=r"coco_test_karpathy\.json: images\[1\]\.file_name: no COCO id"):
+        curate(
+            settings(1, 0, 0),
+            with_clip_benchmark(paths_for(tiny_world), edited),
+            tmp_path / "o",
+            count,
+            context,
+        )

@@ -131,6 +131,28 @@ def test_flickr30k_karpathy_json_and_image_folder(tiny_world):
         assert all(s["raw"].endswith(".") and s["raw"][0].isupper() for s in im["sentences"])
 
 
+def test_clip_benchmark_test_files_hold_the_karpathy_test_sets(tiny_world):
+    from pipeline.sources import read_coco_test_karpathy, read_flickr30k_test_karpathy
+
+    for dataset, reader, name in (
+        ("coco", read_coco_test_karpathy, "coco_test_karpathy.json"),
+        ("flickr30k", read_flickr30k_test_karpathy, "flickr30k_test_karpathy.txt"),
+    ):
+        karpathy = load(tiny_world / "karpathy" / f"dataset_{dataset}.json")["images"]
+        want = {
+            im["filename"]: tuple(s["raw"] for s in im["sentences"])
+            for im in karpathy
+            if im["split"] == "test"
+        }
+        got = reader(tiny_world / "karpathy" / name)
+        assert {t.filename: t.captions for t in got} == want
+        assert len(got) == TINY_WORLD[dataset]["karpathy_test" if dataset == "coco" else "test"]
+    # CLIP_benchmark's COCO file is captions_val2014.json cut down: ids sorted, unique annotation ids.
+    doc = load(tiny_world / "karpathy" / "coco_test_karpathy.json")
+    ids = [im["id"] for im in doc["images"]]
+    assert ids == sorted(ids) and len({a["id"] for a in doc["annotations"]}) == len(doc["annotations"])
+
+
 # --- Conceptual Captions (img2dataset) --------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ WebDataset shards with their parquet and stats, CIFAR python pickles, YOLO label
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import pickle
@@ -80,6 +81,31 @@ def coco_captions(images: list[dict], annotations: list[dict], year: int) -> dic
         "images": images,
         "annotations": annotations,
     }
+
+
+def clip_benchmark_coco_test(entries: list[dict], sizes: dict[int, tuple[int, int]]) -> dict:
+    """CLIP_benchmark's coco_test_karpathy.json: COCO's captions_val2014.json schema cut down to
+    the Karpathy test images, file names without a folder, images sorted by id."""
+    test = sorted((e for e in entries if e["split"] == "test"), key=lambda e: e["cocoid"])
+    images, annotations = [], []
+    for e in test:
+        width, height = sizes[e["cocoid"]]
+        images.append({"id": e["cocoid"], "file_name": e["filename"], "width": width, "height": height})
+        for text in e["captions"]:
+            annotations.append({"image_id": e["cocoid"], "id": len(annotations) + 1, "caption": text})
+    return coco_captions(images, annotations, 2014)
+
+
+def write_clip_benchmark_flickr_test(path: Path, entries: list[dict]) -> None:
+    """CLIP_benchmark's flickr30k_test_karpathy.txt: a pandas-written CSV, header image,caption,
+    one line per caption of every Karpathy test image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f, lineterminator="\n")
+        out.writerow(["image", "caption"])
+        for e in entries:
+            if e["split"] == "test":
+                out.writerows([e["filename"], text] for text in e["captions"])
 
 
 class TarShard:

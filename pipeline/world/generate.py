@@ -4,6 +4,8 @@ Layout under the output folder:
 
     coco/annotations/captions_{train,val}2017.json   coco/{train,val}2017/000000xxxxxx.jpg
     karpathy/dataset_coco.json, dataset_flickr30k.json   (Karpathy's splits; COCO names 2014 files)
+    karpathy/coco_test_karpathy.json, flickr30k_test_karpathy.txt   (the test sets as CLIP_benchmark
+                                                                      ships them)
     flickr30k/flickr30k-images/<id>.jpg
     cc/<shard>.tar, <shard>.parquet, <shard>_stats.json  (img2dataset output)
     imagenet/val/<wnid>/ILSVRC2012_val_<n>.JPEG, imagenet/LOC_synset_mapping.txt
@@ -288,6 +290,10 @@ def _write_coco(cfg: World, root: Path, painter: Painter, truth: GroundTruth) ->
     # Karpathy lists the val2014 images first, as the real file does.
     karpathy.sort(key=lambda e: e["filepath"] != "val2014")
     formats.write_json(root / "karpathy" / "dataset_coco.json", formats.karpathy_images(karpathy, "coco"))
+    sizes = {im["id"]: (im["width"], im["height"]) for images in files2017.values() for im in images}
+    formats.write_json(
+        root / "karpathy" / "coco_test_karpathy.json", formats.clip_benchmark_coco_test(karpathy, sizes)
+    )
     splits = [e["split"] for e in karpathy]
     test_in_train2017 = sum(1 for i, _ in test_keys if i not in in_val2017)
     return {
@@ -336,6 +342,7 @@ def _write_flickr(cfg: World, root: Path, painter: Painter, truth: GroundTruth, 
     formats.write_json(
         root / "karpathy" / "dataset_flickr30k.json", formats.karpathy_images(entries, "flickr30k")
     )
+    formats.write_clip_benchmark_flickr_test(root / "karpathy" / "flickr30k_test_karpathy.txt", entries)
     return {
         "test_keys": test_keys,
         "planted": planted,
