@@ -73,3 +73,27 @@ def write_table(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def concat_parquet(path: Path | str, parts: Iterable[Path | str], schema: pa.Schema) -> Path:
+    """Parquet files that each hold `schema` into one table at `path`, in order, atomically and
+    streaming: memory holds one part. Each non-empty part becomes its own row group, so the bytes
+    depend only on the parts. No parts gives a table with the schema and no rows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    options = {k: v for k, v in WRITE_OPTIONS.items() if k != "row_group_size"}
+    try:
+        with open(tmp, "wb") as f:
+            with pq.ParquetWriter(f, schema, **options) as writer:
+                for part in parts:
+                    table = to_table(pq.read_table(part), schema)
+                    if table.num_rows:
+                        writer.write_table(table, row_group_size=WRITE_OPTIONS["row_group_size"])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

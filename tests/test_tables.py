@@ -112,3 +112,25 @@ def test_the_file_gets_ordinary_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_concat_parquet_streams_parts_in_order_one_row_group_each(tmp_path):
+    a = write_table(tmp_path / "a.parquet", ROWS[:2], SCHEMA)
+    empty = write_table(tmp_path / "e.parquet", [], SCHEMA)
+    b = write_table(tmp_path / "b.parquet", ROWS[2:], SCHEMA)
+    out = tables.concat_parquet(tmp_path / "out" / "all.parquet", [a, empty, b], SCHEMA)
+    assert pq.read_table(out).to_pylist() == ROWS
+    assert pq.ParquetFile(out).metadata.num_row_groups == 2
+    again = tables.concat_parquet(tmp_path / "again.parquet", [a, empty, b], SCHEMA)
+    assert out.read_bytes() == again.read_bytes()
+    assert listing(tmp_path / "out") == ["all.parquet"]
+    none = tables.concat_parquet(tmp_path / "none.parquet", [], SCHEMA)
+    assert pq.read_table(none).schema.equals(SCHEMA) and pq.read_table(none).num_rows == 0
+
+
+def test_concat_parquet_refuses_a_part_of_another_schema_and_leaves_nothing(tmp_path):
+    other = pa.schema([pa.field("key", pa.string())])
+    bad = write_table(tmp_path / "bad.parquet", [{"key": "x"}], other)
+    with pytest.raises(ValueError, match="differ from the schema"):
+        tables.concat_parquet(tmp_path / "out.parquet", [bad], SCHEMA)
+    assert listing(tmp_path) == ["bad.parquet"]
