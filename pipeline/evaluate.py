@@ -1,0 +1,311 @@
+"""Evaluate a CLIP checkpoint on the curated evaluation sets: Karpathy test retrieval (COCO,
+Flickr30k) and zero-shot classification (ImageNet, CIFAR-10, CIFAR-100).
+
+Images stream from the curated WebDataset shards through a DataLoader (decoding in worker
+processes, each taking every n-th sample, so any number of shards keeps every worker busy) into
+batched `encode_image`; CUDA with autocast when the device is a GPU, float32 on CPU. Only the
+embeddings are kept, in manifest order; the metrics are those of pipeline.metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import open_clip
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from pipeline import images, metrics
+from pipeline.shards import read_shard
+
+RETRIEVAL_SETS = ("coco", "flickr30k")
+ZEROSHOT_SETS = ("imagenet", "cifar10", "cifar100")
+PROBE_SETS = ("sugarcrepe",)
+DATASETS = RETRIEVAL_SETS + ZEROSHOT_SETS + PROBE_SETS
+SINGLE_PROMPT = "This is a photo of a {}"  # the paper's prompt
+RECALL_KS = (1, 5, 10)
+TOP_KS = (1, 5)
+CURVE_MAX_K = 50  # recall@k curves for `dvc plots`: k = 1 … this
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def prompt_templates(prompts: str) -> tuple:
+    """ "single": the paper's one prompt; "openai": OpenAI's 80 ImageNet templates as open_clip
+    ships them (the only template list it ships, so the CIFAR sets use it too)."""
+    if prompts == "single":
+        return (SINGLE_PROMPT,)
+    if prompts == "openai":
+        return tuple(open_clip.OPENAI_IMAGENET_TEMPLATES)
+    raise ValueError(f"prompts must be 'single' or 'openai', got {prompts!r}")
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: the GPU when torch sees one, else the CPU; or cpu, cuda, cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return device
+
+
+# --- images from shards ------------------------------------------------------------------------
+
+
+class ShardImages(IterableDataset):
+    """(manifest index, preprocessed image) for every sample of the shards, in shard order.
+
+    Worker w of W decodes samples w, w + W, …: the tar stream is read by every worker (cheap),
+    the decoding is shared evenly whatever the number of shards."""
+
+    def __init__(self, root: Path, shards: Sequence[str], index: dict[str, int], transform: Callable):
+        self.root, self.shards, self.index, self.transform = Path(root), list(shards), index, transform
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        n = 0
+        for shard in self.shards:
+            path = self.root / shard
+            for key, sample in read_shard(path):
+                if key not in self.index:
+                    raise ValueError(f"{path}: sample {key!r} is not in the set's manifest")
+                mine, n = n % workers == worker, n + 1
+                if not mine:
+                    continue
+                ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                if ext is None:
+                    raise ValueError(f"{path}: sample {key!r} has no image ({', '.join(sorted(sample))})")
+                try:
+                    img = images.decode(sample[ext])
+                except images.ImageReject as err:
+                    raise ValueError(f"{path}: sample {key!r}: {err}") from None
+                yield self.index[key], self.transform(img)
+
+
+# --- the encoder ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoder:
+    """A CLIP model's two towers, batched, on one device; every embedding L2-normalised float32
+    on the CPU."""
+
+    model: torch.nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    batch_size: int = 256
+    workers: int = 2
+    progress: bool = True
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        # Mixed precision on a GPU only: bf16 on CPU is fast on some CPUs and slow on others.
+        if self.device.type == "cuda":
+            return torch.autocast("cuda")
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def images(
+        self, root: Path, keys: Sequence[str], shards: Sequence[str], desc: str = "images"
+    ) -> torch.Tensor:
+        """Embeddings of the images `keys` (found in `shards`, paths relative to root), in the
+        order of `keys`. Every key must be in the shards and every shard sample among the keys."""
+        index = {key: i for i, key in enumerate(keys)}
+        if len(index) != len(keys):
+            raise ValueError(f"{desc}: the manifest lists a key twice")
+        dataset = ShardImages(root, list(dict.fromkeys(shards)), index, self.preprocess)
+        loader = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        out: torch.Tensor | None = None
+        seen = torch.zeros(len(keys), dtype=torch.bool)
+        with tqdm(total=len(keys), desc=desc, disable=not self.progress, leave=False) as bar:
+            for idx, pixels in loader:
+                with self._autocast():
+                    emb = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+                emb = F.normalize(emb.float(), dim=-1).cpu()
+                if out is None:
+                    out = torch.empty(len(keys), emb.shape[1])
+                if seen[idx].any():
+                    raise ValueError(f"{desc}: a key appears in more than one sample of the shards")
+                out[idx], seen[idx] = emb, True
+                bar.update(len(idx))
+        if not seen.all():
+            missing = [keys[i] for i in (~seen).nonzero()[:3, 0].tolist()]
+            raise ValueError(
+                f"{desc}: {int((~seen).sum())} manifest key(s) not in the shards, e.g. {missing}"
+            )
+        return out
+
+    @torch.inference_mode()
+    def texts(self, texts: Sequence[str], desc: str = "texts") -> torch.Tensor:
+        chunks = []
+        for start in tqdm(
+            range(0, len(texts), self.batch_size), desc=desc, disable=not self.progress, leave=False
+        ):
+            tokens = self.tokenizer(list(texts[start : start + self.batch_size])).to(self.device)
+            with self._autocast():
+                emb = self.model.encode_text(tokens)
+            chunks.append(F.normalize(emb.float(), dim=-1).cpu())
+        return torch.cat(chunks)
+
+    @torch.inference_mode()
+    def classes(self, classnames: Sequence[str], templates: Sequence) -> torch.Tensor:
+        """One embedding per class: the mean of its normalised prompt embeddings, renormalised
+        (open_clip's own classifier builder)."""
+        with self._autocast():
+            weights = open_clip.build_zero_shot_classifier(
+                self.model,
+                self.tokenizer,
+                list(classnames),
+                list(templates),
+                num_classes_per_batch=max(1, self.batch_size // len(templates)),
+                device=self.device,
+            )
+        return F.normalize(weights.T.float(), dim=-1).cpu()
+
+
+# --- the evaluation ------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    metrics: dict  # per data set: counts, metrics, chance levels
+    curves: dict[str, list[float]]  # "<set>_<direction>" → recall at k = 1 … CURVE_MAX_K
+    seconds: dict[str, float]  # per data set
+    images: int = 0
+
+
+def required_files(curated: Path, datasets: Sequence[str]) -> list[Path]:
+    """The curated files a run over `datasets` reads (shards are named by the manifests)."""
+    files = []
+    for name in datasets:
+        if name in RETRIEVAL_SETS:
+            files.append(curated / "test" / f"{name}.parquet")
+        elif name in ZEROSHOT_SETS:
+            files += [curated / "zeroshot" / f"{name}.parquet", curated / "zeroshot" / f"{name}.json"]
+        elif name in PROBE_SETS:
+            files.append(curated / "probe" / f"{name}.parquet")
+        else:
+            raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+    return files
+
+
+def _manifest(path: Path, columns: list[str]) -> list[dict]:
+    rows = pq.read_table(path, columns=columns).to_pylist()
+    if not rows:
+        raise ValueError(f"{path}: the set is empty; leave it out of the data sets to evaluate")
+    return rows
+
+
+def _round(d: dict) -> dict:
+    return {k: round(v, 4) for k, v in d.items()}
+
+
+def retrieval(encoder: Encoder, curated: Path, name: str) -> tuple[dict, dict[str, list[float]]]:
+    rows = _manifest(curated / "test" / f"{name}.parquet", ["key", "shard", "captions"])
+    img = encoder.images(curated, [r["key"] for r in rows], [r["shard"] for r in rows], f"{name} images")
+    captions = [c for r in rows for c in r["captions"]]
+    text_image = torch.tensor([i for i, r in enumerate(rows) for _ in r["captions"]], dtype=torch.int64)
+    txt = encoder.texts(captions, f"{name} captions")
+    ranks = metrics.retrieval_ranks(img, txt, text_image)
+    per_image = torch.bincount(text_image, minlength=len(rows))
+    chance = {
+        "text_to_image": metrics.chance_recall_at_k(len(rows), torch.ones(len(captions)), RECALL_KS),
+        "image_to_text": metrics.chance_recall_at_k(len(captions), per_image, RECALL_KS),
+    }
+    result = {"images": len(rows), "captions": len(captions)}
+    curves = {}
+    for direction, r in ranks.items():
+        result[direction] = _round(metrics.summarise(r, RECALL_KS))
+        curve = metrics.recall_at_k(r, range(1, CURVE_MAX_K + 1))
+        curves[f"{name}_{direction}"] = [round(v, 4) for v in curve.values()]
+    result["chance"] = {d: _round({f"R@{k}": v for k, v in c.items()}) for d, c in chance.items()}
+    return result, curves
+
+
+def zero_shot(encoder: Encoder, curated: Path, name: str, templates: Sequence) -> dict:
+    rows = _manifest(curated / "zeroshot" / f"{name}.parquet", ["key", "shard", "label"])
+    classnames = json.loads((curated / "zeroshot" / f"{name}.json").read_text(encoding="utf-8"))["classnames"]
+    labels = torch.tensor([r["label"] for r in rows], dtype=torch.int64)
+    if labels.min() < 0 or labels.max() >= len(classnames):
+        raise ValueError(f"{name}: labels outside the {len(classnames)} class names")
+    img = encoder.images(curated, [r["key"] for r in rows], [r["shard"] for r in rows], f"{name} images")
+    classes = encoder.classes(classnames, templates)
+    n = len(classnames)
+    return {
+        "images": len(rows),
+        "classes": n,
+        "templates": len(templates),
+        **_round(metrics.zero_shot_metrics(img, classes, labels, TOP_KS)),
+        "chance": _round({f"top{k}": min(k, n) / n for k in TOP_KS}),
+    }
+
+
+def probe(encoder: Encoder, curated: Path, name: str) -> dict:
+    """A compositional probe (SugarCrepe's format): each image embedded once, however many items
+    name it; accuracy per category and their mean."""
+    columns = ["category", "key", "shard", "caption", "negative_caption"]
+    rows = _manifest(curated / "probe" / f"{name}.parquet", columns)
+    first = {}
+    for r in rows:
+        first.setdefault(r["key"], r["shard"])
+    keys = list(first)
+    img = encoder.images(curated, keys, [first[k] for k in keys], f"{name} images")
+    where = {k: i for i, k in enumerate(keys)}
+    pos = encoder.texts([r["caption"] for r in rows], f"{name} captions")
+    neg = encoder.texts([r["negative_caption"] for r in rows], f"{name} negatives")
+    categories = [r["category"] for r in rows]
+    accuracy = metrics.probe_accuracy(img[[where[r["key"]] for r in rows]], pos, neg, categories)
+    counts = {c: categories.count(c) for c in sorted(set(categories))}
+    return {"images": len(keys), "items": counts, "accuracy": _round(accuracy), "chance": 0.5}
+
+
+def evaluate(encoder: Encoder, curated: Path | str, datasets: Sequence[str], prompts: str) -> Evaluation:
+    """Embed and score every data set in `datasets` (names from DATASETS) with one model."""
+    curated = Path(curated)
+    templates = prompt_templates(prompts)
+    missing = [p for p in required_files(curated, datasets) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError("curated evaluation files not found: " + ", ".join(map(str, missing)))
+    out = Evaluation(metrics={"retrieval": {}, "zeroshot": {}, "probe": {}}, curves={}, seconds={})
+    for name in datasets:
+        start = time.perf_counter()
+        if name in RETRIEVAL_SETS:
+            kind = "retrieval"
+            out.metrics[kind][name], curves = retrieval(encoder, curated, name)
+            out.curves.update(curves)
+        elif name in PROBE_SETS:
+            kind = "probe"
+            out.metrics[kind][name] = probe(encoder, curated, name)
+        else:
+            kind = "zeroshot"
+            out.metrics[kind][name] = zero_shot(encoder, curated, name, templates)
+        out.seconds[name] = round(time.perf_counter() - start, 2)
+        out.images += out.metrics[kind][name]["images"]
+    out.metrics = {k: v for k, v in out.metrics.items() if v}
+    return out
+
+
+def curve_rows(curves: dict[str, list[float]]) -> list[dict]:
+    """Recall@k curves as rows {k, <set>_<direction>: recall, …} for a `dvc plots` table."""
+    depth = max((len(c) for c in curves.values()), default=0)
+    return [{"k": k + 1, **{name: c[k] for name, c in curves.items()}} for k in range(depth)]
+
+
+def images_per_second(evaluation: Evaluation) -> float:
+    total = sum(evaluation.seconds.values())
+    return evaluation.images / total if total > 0 else math.nan

@@ -1,0 +1,96 @@
+"""Stage `evaluate@<model>` (dvc.yaml): Karpathy test retrieval and zero-shot classification of
+one CLIP checkpoint; metrics/<model>.json for `dvc metrics`, metrics/recall/<model>.csv for
+`dvc plots`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from pipeline.config import Clip, ParamsError, load_params, looks_like_path
+from pipeline.evaluate import Encoder, curve_rows, evaluate, images_per_second, pick_device
+from pipeline.models.clip import create
+
+METRICS_DIR = Path("metrics")
+# Where a model's checkpoint is unless --weights says.
+DEFAULT_WEIGHTS = {"base": lambda p: p.clip.pretrained, "student": lambda p: p.distill.out}
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def weights_for(model: str, params, weights: str | None) -> str:
+    if weights is not None:
+        return weights
+    if model in DEFAULT_WEIGHTS:
+        return DEFAULT_WEIGHTS[model](params)
+    raise ParamsError(
+        f"model {model!r}: no default checkpoint ({', '.join(DEFAULT_WEIGHTS)} have one); give --weights"
+    )
+
+
+def run(
+    params_file: Path,
+    model: str = "base",
+    weights: str | None = None,
+    metrics_dir: Path = METRICS_DIR,
+    progress: bool = True,
+) -> dict:
+    if not _NAME.fullmatch(model):
+        raise ParamsError(f"model name {model!r}: letters, digits, '_' and '-' only (it names files)")
+    params = load_params(params_file)
+    root = params_file.parent
+    cfg = params.evaluate
+    weights = weights_for(model, params, weights)
+    # The same checks as clip.pretrained: an open_clip tag for the architecture, or a file.
+    try:
+        Clip.model_validate({"model": params.clip.model, "pretrained": weights}, context={"base_dir": root})
+    except ValidationError as err:
+        message = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+        raise ParamsError(f"weights of model {model!r}: {message}") from None
+    try:
+        device = pick_device(cfg.device)
+    except ValueError as err:
+        raise ParamsError(f"{params_file}: evaluate.device: {err}") from None
+    resolved = str(root / weights) if looks_like_path(weights) else weights
+    net, preprocess, tokenizer = create(params.clip.model, resolved, device)
+    encoder = Encoder(net, preprocess, tokenizer, device, cfg.batch_size, cfg.workers, progress)
+    start = time.perf_counter()
+    result = evaluate(encoder, root / params.curate.out, cfg.datasets, cfg.prompts)
+    seconds = time.perf_counter() - start
+    out = root / metrics_dir
+    _write_json(out / f"{model}.json", result.metrics)
+    if result.curves:
+        _write_csv(out / "recall" / f"{model}.csv", curve_rows(result.curves))
+    summary = {
+        "model": model,
+        "weights": weights,
+        "device": str(device),
+        "seconds": round(seconds, 1),
+        "images_per_second": round(images_per_second(result), 1),
+        "seconds_per_set": result.seconds,
+    }
+    print(json.dumps(summary))
+    return result.metrics
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Atomically: a metrics file is never half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)

@@ -1,0 +1,34 @@
+"""Stage `report` (dvc.yaml): every evaluated model beside the reference (the first named, the base
+CLIP), as metrics/report.json and metrics/report.md."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pipeline.report import compare, to_markdown
+
+METRICS_DIR = Path("metrics")
+
+
+def run(models: list[str], metrics_dir: Path = METRICS_DIR) -> dict:
+    missing = [m for m in models if not (metrics_dir / f"{m}.json").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"no metrics for {', '.join(missing)} in {metrics_dir}/: run `dclip evaluate --model NAME` first"
+        )
+    results = {m: json.loads((metrics_dir / f"{m}.json").read_text()) for m in models}
+    report = compare(results)
+    _write(metrics_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    markdown = to_markdown(report)
+    _write(metrics_dir / "report.md", markdown)
+    print(markdown, end="")
+    return report
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

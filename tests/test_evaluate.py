@@ -1,0 +1,329 @@
+"""pipeline.evaluate and the evaluate / report stages: the demo's real open_clip CLIP on the tiny
+world's curated evaluation sets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import open_clip
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from typer.testing import CliRunner
+
+from pipeline import images
+from pipeline.config import ParamsError, parse_params
+from pipeline.evaluate import (
+    CURVE_MAX_K,
+    SINGLE_PROMPT,
+    Encoder,
+    evaluate,
+    pick_device,
+    prompt_templates,
+)
+from pipeline.models.clip import create
+from pipeline.shards import ShardWriter, read_shard
+from stages import curate as curate_stage
+from stages import evaluate as evaluate_stage
+from stages.cli import app
+
+from .conftest import REPO
+
+ALL_SETS = ["coco", "flickr30k", "imagenet", "cifar10", "cifar100", "sugarcrepe"]
+
+
+@pytest.fixture(scope="module")
+def project(tiny_world, tmp_path_factory) -> Path:
+    """A project folder: the tiny world as demo/raw, the demo weights, params with a small curate
+    mix, and its curated data."""
+    root = tmp_path_factory.mktemp("project")
+    (root / "demo").mkdir()
+    (root / "demo" / "raw").symlink_to(tiny_world)
+    (root / "demo" / "weights").symlink_to(REPO / "demo" / "weights")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["curate"].update(mix={"coco": 6, "flickr30k": 4, "cc": 4}, shard_size=8, workers=1)
+    params["evaluate"].update(batch_size=16, workers=0)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    curate_stage.run(root / "params.yaml", progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_clip():
+    return create("DCLIP-Demo-S16", str(REPO / "demo" / "weights" / "clip-DCLIP-Demo-S16.pt"))
+
+
+def encoder(demo_clip, **kw) -> Encoder:
+    net, preprocess, tokenizer = demo_clip
+    return Encoder(net, preprocess, tokenizer, progress=False, **{"batch_size": 16, "workers": 0, **kw})
+
+
+def manifest(project: Path, path: str) -> list[dict]:
+    return pq.read_table(project / "data" / "curated" / path).to_pylist()
+
+
+# --- embedding ---------------------------------------------------------------------------------
+
+
+def test_image_embeddings_follow_the_manifest_whatever_the_workers(project, demo_clip):
+    net, preprocess, _ = demo_clip
+    curated = project / "data" / "curated"
+    rows = manifest(project, "zeroshot/imagenet.parquet")
+    keys, shards = [r["key"] for r in rows], [r["shard"] for r in rows]
+    # Listed in another order than the shards hold them.
+    keys, shards = keys[::-1], shards[::-1]
+    one = encoder(demo_clip, workers=0, batch_size=7).images(curated, keys, shards)
+    two = encoder(demo_clip, workers=2, batch_size=16).images(curated, keys, shards)
+    assert one.shape == (len(rows), 128)
+    torch.testing.assert_close(one, two, rtol=0, atol=1e-5)
+    torch.testing.assert_close(one.norm(dim=1), torch.ones(len(rows)))
+    # Each row is that key's image, straight through the model.
+    samples = {k: s for shard in sorted(set(shards)) for k, s in read_shard(curated / shard)}
+    for i in (0, len(keys) // 2, len(keys) - 1):
+        pixels = preprocess(images.decode(samples[keys[i]]["jpg"]))[None]
+        with torch.inference_mode():
+            want = F.normalize(net.encode_image(pixels), dim=-1)[0]
+        torch.testing.assert_close(one[i], want, rtol=0, atol=1e-5)
+
+
+def test_class_embedding_is_the_renormalised_mean_of_normalised_prompts(demo_clip):
+    enc = encoder(demo_clip)
+    templates = prompt_templates("openai")[:3]
+    got = enc.classes(["red circle", "blue star"], templates)
+    for i, name in enumerate(["red circle", "blue star"]):
+        prompts = enc.texts([t(name) for t in templates])
+        torch.testing.assert_close(got[i], F.normalize(prompts.mean(0), dim=0), rtol=0, atol=1e-5)
+    single = enc.classes(["red circle"], prompt_templates("single"))
+    torch.testing.assert_close(
+        single[0], enc.texts(["This is a photo of a red circle"])[0], rtol=0, atol=1e-5
+    )
+
+
+def test_prompt_sets():
+    assert prompt_templates("single") == (SINGLE_PROMPT,)
+    assert SINGLE_PROMPT.format("dog") == "This is a photo of a dog"
+    openai = prompt_templates("openai")
+    assert len(openai) == 80 and openai == tuple(open_clip.OPENAI_IMAGENET_TEMPLATES)
+    with pytest.raises(ValueError, match="single' or 'openai'"):
+        prompt_templates("many")
+
+
+def test_device_choice():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            pick_device("cuda:0")
+
+
+# --- the evaluation ------------------------------------------------------------------------------
+
+
+def test_metrics_of_every_set(project, demo_clip):
+    curated = project / "data" / "curated"
+    result = evaluate(encoder(demo_clip), curated, ALL_SETS, "single")
+    for name in ("coco", "flickr30k"):
+        rows = manifest(project, f"test/{name}.parquet")
+        got = result.metrics["retrieval"][name]
+        n_img, n_cap = len(rows), sum(len(r["captions"]) for r in rows)
+        assert (got["images"], got["captions"]) == (n_img, n_cap)
+        for direction in ("text_to_image", "image_to_text"):
+            m = got[direction]
+            assert set(m) == {"R@1", "R@5", "R@10", "mAP", "MRR"}
+            assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 1
+            assert 0 < m["MRR"] <= 1 and 0 < m["mAP"] <= 1
+            assert m["R@1"] <= m["MRR"]
+            curve = result.curves[f"{name}_{direction}"]
+            assert len(curve) == CURVE_MAX_K and curve == sorted(curve) and curve[-1] <= 1
+            assert [curve[0], curve[4], curve[9]] == [m["R@1"], m["R@5"], m["R@10"]]
+        assert got["text_to_image"]["mAP"] == got["text_to_image"]["MRR"]
+        assert got["chance"]["text_to_image"]["R@1"] == round(1 / n_img, 4)
+    for name in ("imagenet", "cifar10", "cifar100"):
+        n_classes = len(json.loads((curated / "zeroshot" / f"{name}.json").read_text())["classnames"])
+        got = result.metrics["zeroshot"][name]
+        assert got["images"] == len(manifest(project, f"zeroshot/{name}.parquet"))
+        assert (got["classes"], got["templates"]) == (n_classes, 1)
+        assert 0 <= got["top1"] <= got["top5"] <= 1
+        assert got["chance"] == {
+            "top1": round(1 / n_classes, 4),
+            "top5": round(min(5, n_classes) / n_classes, 4),
+        }
+    probe = result.metrics["probe"]["sugarcrepe"]
+    rows = manifest(project, "probe/sugarcrepe.parquet")
+    assert probe["images"] == len({r["key"] for r in rows}) and sum(probe["items"].values()) == len(rows)
+    assert set(probe["accuracy"]) == {*probe["items"], "mean"} and probe["chance"] == 0.5
+    assert probe["accuracy"]["mean"] == pytest.approx(
+        sum(v for k, v in probe["accuracy"].items() if k != "mean") / len(probe["items"]), abs=1e-4
+    )
+    assert result.images == sum(
+        result.metrics[kind][name]["images"] for kind in result.metrics for name in result.metrics[kind]
+    )
+
+
+def test_the_probe_scores_each_item_with_its_own_image(project, demo_clip):
+    """Recomputed by hand: one image, its caption and its negative, item by item."""
+    from pipeline.evaluate import probe
+
+    curated = project / "data" / "curated"
+    enc = encoder(demo_clip)
+    got = probe(enc, curated, "sugarcrepe")
+    rows = manifest(project, "probe/sugarcrepe.parquet")
+    keys = list(dict.fromkeys(r["key"] for r in rows))
+    shards = {r["key"]: r["shard"] for r in rows}
+    img = dict(zip(keys, enc.images(curated, keys, [shards[k] for k in keys])))
+    right = {}
+    for r in rows:
+        pos, neg = enc.texts([r["caption"], r["negative_caption"]])
+        right.setdefault(r["category"], []).append(float(img[r["key"]] @ pos) > float(img[r["key"]] @ neg))
+    for category, hits in right.items():
+        assert got["accuracy"][category] == pytest.approx(sum(hits) / len(hits), abs=1e-4)
+
+
+def test_trained_weights_beat_chance_and_an_untrained_model(project, demo_clip):
+    """The demo CLIP has learnt something the evaluation sees: retrieval far above chance, and
+    above the same architecture randomly initialised."""
+    curated = project / "data" / "curated"
+    trained = evaluate(encoder(demo_clip), curated, ["coco", "flickr30k"], "single").metrics["retrieval"]
+    torch.manual_seed(0)
+    untrained = evaluate(
+        encoder(create("DCLIP-Demo-S16", "none")), curated, ["coco", "flickr30k"], "single"
+    ).metrics["retrieval"]
+    for name in ("coco", "flickr30k"):
+        for direction in ("text_to_image", "image_to_text"):
+            chance = trained[name]["chance"][direction]["R@1"]
+            assert trained[name][direction]["R@1"] > 3 * chance
+            assert trained[name][direction]["MRR"] > untrained[name][direction]["MRR"]
+
+
+def test_openai_prompts_average_80_templates(project, demo_clip):
+    got = evaluate(encoder(demo_clip), project / "data" / "curated", ["cifar10"], "openai")
+    assert got.metrics == {"zeroshot": {"cifar10": got.metrics["zeroshot"]["cifar10"]}}
+    assert got.metrics["zeroshot"]["cifar10"]["templates"] == 80
+
+
+def copy_curated(project: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "curated"
+    shutil.copytree(project / "data" / "curated" / "zeroshot", out / "zeroshot")
+    return out
+
+
+def test_a_missing_set_is_named(project, demo_clip, tmp_path):
+    curated = copy_curated(project, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"test/coco\.parquet"):
+        evaluate(encoder(demo_clip), curated, ["cifar10", "coco"], "single")
+
+
+def test_shards_and_manifest_must_agree(project, demo_clip, tmp_path):
+    curated = copy_curated(project, tmp_path)
+    rows = manifest(project, "zeroshot/cifar10.parquet")
+    keys, shards = [r["key"] for r in rows], [r["shard"] for r in rows]
+    enc = encoder(demo_clip)
+    with pytest.raises(ValueError, match="not in the set's manifest"):
+        enc.images(curated, keys[1:], shards[1:])
+    with pytest.raises(ValueError, match="1 manifest key"):
+        enc.images(curated, [*keys, "cifar10-99999"], [*shards, shards[0]])
+    # A shard sample without an image.
+    folder = curated / "zeroshot" / "broken"
+    with ShardWriter(folder, max_count=10) as w:
+        w.write("x-1", {"cls": "0"})
+    with pytest.raises(ValueError, match="has no image"):
+        enc.images(curated, ["x-1"], ["zeroshot/broken/00000.tar"])
+
+
+# --- the stages ----------------------------------------------------------------------------------
+
+
+def test_stage_writes_metrics_and_curves_then_the_report(project, capsys):
+    metrics = evaluate_stage.run(project / "params.yaml", "base", progress=False)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["model"] == "base" and summary["weights"] == "demo/weights/clip-DCLIP-Demo-S16.pt"
+    assert summary["images_per_second"] > 0
+    written = json.loads((project / "metrics" / "base.json").read_text())
+    assert written == metrics and set(written) == {"retrieval", "zeroshot", "probe"}
+    with open(project / "metrics" / "recall" / "base.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["k"]) for r in rows] == list(range(1, CURVE_MAX_K + 1))
+    assert set(rows[0]) == {
+        "k",
+        "coco_text_to_image",
+        "coco_image_to_text",
+        "flickr30k_text_to_image",
+        "flickr30k_image_to_text",
+    }
+    assert float(rows[0]["coco_text_to_image"]) == metrics["retrieval"]["coco"]["text_to_image"]["R@1"]
+
+    # The same checkpoint under another name, on CIFAR-10 only: the report compares the two.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["evaluate"]["datasets"] = ["cifar10"]
+    (project / "cifar10.yaml").write_text(yaml.safe_dump(params))
+    weights = ["--weights", "demo/weights/clip-DCLIP-Demo-S16.pt"]
+    args = ["evaluate", "--model", "copy", *weights, "--params", str(project / "cifar10.yaml")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["report", "base", "copy", "--metrics-dir", str(project / "metrics")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((project / "metrics" / "report.json").read_text())
+    assert report["reference"] == "base" and report["models"] == ["base", "copy"]
+    assert len(report["retrieval"]) == 2 * 2 * 5 and len(report["zeroshot"]) == 3 * 3
+    for row in report["retrieval"] + report["zeroshot"]:
+        if row["dataset"] == "cifar10":
+            assert row["values"]["copy"] == row["values"]["base"]
+            assert row["gain"]["copy"] == 0 and row["retention"]["copy"] in (1.0, None)
+        else:
+            assert row["values"]["copy"] is None and row["gain"]["copy"] is None
+    markdown = (project / "metrics" / "report.md").read_text()
+    assert "| COCO (15 images, 75 captions) | text→image | R@1 |" in markdown
+    assert markdown in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "teacher"], "model 'teacher': no default checkpoint"),
+        (["--model", "a/b"], "letters, digits"),
+        (["--weights", "missing.pt"], "weights of model 'base': weights file 'missing.pt' does not exist"),
+    ],
+)
+def test_stage_refuses_bad_models_with_exit_2(project, args, message):
+    result = CliRunner().invoke(app, ["evaluate", *args, "--params", str(project / "params.yaml")])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_report_needs_the_metrics(tmp_path):
+    result = CliRunner().invoke(app, ["report", "base", "student", "--metrics-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "no metrics for base, student" in result.output
+
+
+# --- params ----------------------------------------------------------------------------------------
+
+
+def test_default_evaluate_params():
+    cfg = parse_params(yaml.safe_load((REPO / "params.yaml").read_text()), base_dir=REPO).evaluate
+    assert cfg.datasets == ALL_SETS and cfg.prompts == "single" and cfg.device == "auto"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ({"datasets": []}, "evaluate.datasets: name at least one data set (value [])"),
+        ({"datasets": ["coco", "coco"]}, "evaluate.datasets: a data set is named twice"),
+        ({"datasets": ["mnist"]}, "evaluate.datasets.0: Input should be 'coco', 'flickr30k', 'imagenet'"),
+        ({"datasets": "coco"}, "evaluate.datasets: Input should be a valid list (value 'coco')"),
+        ({"prompts": "all"}, "evaluate.prompts: Input should be 'single' or 'openai' (value 'all')"),
+        ({"batch_size": 0}, "evaluate.batch_size: Input should be greater than 0 (value 0)"),
+        ({"workers": "2"}, "evaluate.workers: Input should be a valid integer (value '2')"),
+        ({"device": "gpu"}, "evaluate.device: must be auto, cpu, cuda or cuda:N (value 'gpu')"),
+        ({"prompt": "single"}, "evaluate.prompt: unknown key (value 'single')"),
+    ],
+)
+def test_bad_evaluate_params_are_named(value, expected):
+    with pytest.raises(ParamsError) as err:
+        parse_params({"evaluate": value}, source="params.yaml", base_dir=REPO)
+    assert expected in str(err.value)
