@@ -39,3 +39,37 @@ def save_checkpoint(net: torch.nn.Module, path: Path, half: bool = True) -> None
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"state_dict": state}, tmp)
     tmp.replace(path)
+
+
+def encode_tokens(
+    net: torch.nn.Module, text: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Caption token embeddings in the joint space, as open_clip's `CLIP.encode_text` computes
+    them but kept for every token: the text transformer's final hidden states through `ln_final`
+    and `text_projection`. Returns (tokens [B, L, D], pooled [B, D], lengths [B]): caption i's
+    real tokens (start, words, end of text) are tokens[i, :lengths[i]], and pooled[i], the token
+    that encode_text pools (end of text), is tokens[i, lengths[i] - 1].
+
+    L is the longest caption's length, not the context length: under the causal mask a token
+    never sees the padding after it, so the padding is not computed at all."""
+    if not isinstance(net, open_clip.CLIP):
+        raise TypeError(f"token embeddings need open_clip's CLIP text tower, not {type(net).__name__}")
+    if net.text_pool_type == "argmax":  # the end-of-text token has the highest id
+        end = text.argmax(dim=-1)
+    elif net.text_pool_type == "eos":
+        end = (text == net.text_eos_id).int().argmax(dim=-1)
+    else:
+        raise ValueError(f"text pool type {net.text_pool_type!r}: no end-of-text token to pool")
+    lengths = end + 1
+    n = int(lengths.max()) if net.attn_mask is not None else text.shape[1]
+    cast_dtype = net.transformer.get_cast_dtype()
+    x = net.token_embedding(text[:, :n]).to(cast_dtype)
+    x = x + net.positional_embedding[:n].to(cast_dtype)
+    mask = net.attn_mask[:n, :n] if net.attn_mask is not None else None
+    x = net.ln_final(net.transformer(x, attn_mask=mask))
+    if isinstance(net.text_projection, torch.nn.Linear):
+        x = net.text_projection(x)
+    elif net.text_projection is not None:
+        x = x @ net.text_projection
+    pooled = x[torch.arange(len(x), device=x.device), end]
+    return x, pooled, lengths

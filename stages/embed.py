@@ -1,0 +1,57 @@
+"""Stage `embed` (dvc.yaml): CLIP embeddings of every training pair into data/embeddings/."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from pipeline.config import ParamsError, load_params
+from pipeline.embed import Settings, embed, load_encoder
+
+METRICS = Path("metrics/embed.json")
+
+
+def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) -> dict:
+    params = load_params(params_file)
+    root = params_file.parent
+    cfg = params.embed
+    curated = root / params.curate.out
+    train, manifest, regions = curated / "train", curated / "train.parquet", root / params.detect.out
+    for path, stage in ((train, "curate"), (manifest, "curate"), (regions, "detect")):
+        if not path.exists():
+            raise ParamsError(f"{params_file}: {path} does not exist; run the {stage} stage first")
+    encoder = load_encoder(params.clip.model, params.clip.pretrained, cfg.device, root)
+    settings = Settings(
+        context_margin=cfg.context_margin,
+        weights=cfg.weights,
+        max_regions=cfg.max_regions,
+        batch_size=cfg.batch_size,
+    )
+    start = time.perf_counter()
+    metrics = embed(
+        sorted(train.glob("*.tar")),
+        manifest,
+        regions,
+        root / cfg.out,
+        root / cfg.scratch,
+        encoder,
+        settings,
+        cfg.workers,
+        progress,
+    )
+    seconds = time.perf_counter() - start
+    _write_json(root / metrics_file, metrics)
+    summary = {k: metrics[k] for k in ("pairs", "images", "regions", "rejects")}
+    summary.update(seconds=round(seconds, 1), device=str(encoder.device), amp=encoder.amp)
+    print(json.dumps(summary))
+    return metrics
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Atomically: a metrics file is never half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
