@@ -1,0 +1,205 @@
+"""One training loop for the teacher and the student: device, AMP, gradient accumulation and
+clipping, a per-step warm-up + cosine schedule, an atomic checkpoint every epoch, and resume.
+
+Resume is exact on CPU: an epoch's data order and random state derive from (seed, epoch) alone,
+never from how many epochs ran in this process, so a run killed after epoch k and resumed from
+its checkpoint reproduces the uninterrupted run's weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+LossFn = Callable[[Any], dict[str, torch.Tensor]]  # a batch → named terms, "total" among them
+
+
+@dataclass(frozen=True)
+class Optimisation:
+    epochs: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float | None = None  # max global gradient norm; None: no clipping
+    accumulate: int = 1  # batches per optimiser step
+    optimizer: str = "adamw"  # or "adam"
+    amp: str = "auto"  # auto: bf16 (or fp16 with loss scaling) on CUDA, none on CPU; or bf16, fp16, off
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.accumulate < 1 or self.lr <= 0:
+            raise ValueError(f"epochs and accumulate must be >= 1 and lr > 0: {self}")
+        if self.optimizer not in ("adamw", "adam") or self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"unknown optimizer or amp: {self}")
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1 over `warmup` steps, then cosine to 0 at `total` — stepped per
+    optimiser step, so the rate really decays within a two-epoch run."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def contrastive_batches(pairs: int, batch_size: int) -> int:
+    """Batches an epoch of `pairs` gives when a last batch of one pair is dropped (a contrastive
+    loss needs a negative) and a last batch of two or more is kept."""
+    return pairs // batch_size + (pairs % batch_size >= 2)
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Trains `params` of `model` with `loss_fn` over `data(epoch)`, checkpointing every epoch
+    into `checkpoints/epoch-<k>.pt`; `fit` resumes from the latest checkpoint found there."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        params: Iterable[torch.nn.Parameter] | Iterable[dict],
+        cfg: Optimisation,
+        steps_per_epoch: int,
+        checkpoints: Path,
+        device: torch.device | str = "cpu",
+        progress: bool = True,
+        train_mode: Callable[[torch.nn.Module], None] | None = None,
+    ):
+        self.model, self.cfg, self.device = model, cfg, torch.device(device)
+        # A last partial accumulation still steps.
+        self.steps_per_epoch = max(1, math.ceil(steps_per_epoch / cfg.accumulate))
+        self.total = cfg.epochs * self.steps_per_epoch
+        opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        self.opt = opt(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, self.total, cfg.warmup_steps)
+        )
+        self.dtype = amp_dtype(cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.checkpoints = Path(checkpoints)
+        self.progress = progress
+        # What "training mode" means: the whole model by default; the student keeps its frozen
+        # text tower in eval mode.
+        self.train_mode = train_mode or (lambda m: m.train())
+        self.history: list[dict] = []
+        self.steps: list[dict] = []  # per optimiser step: the loss terms and the learning rate
+
+    def _autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def state(self, epoch: int) -> dict:
+        return {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "history": self.history,
+            "steps": self.steps,
+            "optimisation": asdict(self.cfg),
+        }
+
+    def checkpoint_path(self, epoch: int) -> Path:
+        return self.checkpoints / f"epoch-{epoch}.pt"
+
+    def resume(self) -> int:
+        """Load the latest epoch checkpoint, if any; returns the number of epochs already done."""
+        done = sorted(
+            int(p.stem.split("-")[1])
+            for p in self.checkpoints.glob("epoch-*.pt")
+            if p.stem.split("-")[1].isdigit()
+        )
+        if not done:
+            return 0
+        state = torch.load(self.checkpoint_path(done[-1]), map_location=self.device, weights_only=False)
+        if state["optimisation"] != asdict(self.cfg):
+            raise ValueError(
+                f"{self.checkpoint_path(done[-1])}: written with other settings; delete it to restart"
+            )
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.history = state["history"]
+        self.steps = state["steps"]
+        return state["epoch"]
+
+    def fit(
+        self,
+        data: Callable[[int], Iterable[Any]],
+        loss_fn: LossFn,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+        on_epoch: Callable[[int], dict[str, float]] | None = None,
+    ) -> list[dict]:
+        """Run the remaining epochs. `data(epoch)` must depend only on the epoch (seeded order);
+        `on_epoch(epoch)` returns validation metrics, stored in the history and checkpoint."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        start = self.resume()
+        for epoch in range(start + 1, self.cfg.epochs + 1):
+            torch.manual_seed(self.cfg.seed * 1_000_003 + epoch)  # dropout etc.: fixed by the epoch
+            self.train_mode(self.model)
+            sums: dict[str, float] = {}
+            n = 0
+            bar = tqdm(
+                total=self.steps_per_epoch, desc=f"epoch {epoch}", disable=not self.progress, leave=False
+            )
+            self.opt.zero_grad(set_to_none=True)
+            for i, batch in enumerate(data(epoch)):
+                with self._autocast():
+                    terms = loss_fn(batch)
+                self.scaler.scale(terms["total"] / self.cfg.accumulate).backward()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                n += 1
+                if (i + 1) % self.cfg.accumulate == 0:
+                    lr = self._lr()  # the rate this step used
+                    self._step()
+                    bar.update()
+                    record = {k: float(v.detach()) for k, v in terms.items()} | {"lr": lr}
+                    self.steps.append({"step": self.sched.last_epoch, "epoch": epoch, **record})
+                    if on_step is not None:
+                        on_step(self.sched.last_epoch, record)
+            if n % self.cfg.accumulate:  # a last partial accumulation still steps
+                self._step()
+            bar.close()
+            self.model.eval()
+            record = {"epoch": epoch, **{f"train_{k}": v / max(1, n) for k, v in sums.items()}}
+            if on_epoch is not None:
+                record.update(on_epoch(epoch))
+            self.history.append(record)
+            atomic_save(self.state(epoch), self.checkpoint_path(epoch))
+        return self.history
+
+    def _lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def _step(self) -> None:
+        if self.cfg.grad_clip is not None:
+            self.scaler.unscale_(self.opt)
+            params = [p for g in self.opt.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()

@@ -1,0 +1,149 @@
+"""Stage `distill` (dvc.yaml): the CLIP student, image tower fine-tuned toward the teacher and
+text tower frozen (checked by hash); models/student.pt loads with open_clip itself."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pipeline import distill
+from pipeline.config import ParamsError, load_params
+from pipeline.detect import file_hash
+from pipeline.evaluate import pick_device
+from pipeline.losses import DistillWeights
+from pipeline.models.clip import create, save_checkpoint
+from pipeline.train import Optimisation
+
+METRICS = Path("metrics/distill.json")
+LIVE_DIR = Path("metrics/distill")
+
+
+def run(params_file: Path, progress: bool = True) -> dict:
+    params = load_params(params_file, only=("clip", "curate", "embed", "teacher", "distill"))
+    root = params_file.parent
+    cfg = params.distill
+    shards = sorted((root / params.curate.out / "train").glob("*.tar"))
+    embeddings, targets_file = root / params.embed.out, root / params.teacher.targets
+    for path, stage in ((embeddings / "captions.parquet", "embed"), (targets_file, "train_teacher")):
+        if not path.is_file():
+            raise ParamsError(f"{params_file}: {path} does not exist; run the {stage} stage first")
+    if not shards:
+        raise ParamsError(f"{params_file}: curate.out: no training shards; run the curate stage first")
+    try:
+        device = pick_device(cfg.device)
+    except ValueError as err:
+        raise ParamsError(f"{params_file}: distill.device: {err}") from None
+    pretrained = params.clip.pretrained
+    weights_path = root / pretrained if pretrained != "none" and (root / pretrained).is_file() else None
+    model, preprocess, _ = create(params.clip.model, str(weights_path or pretrained), device)
+    model.float()
+    try:
+        from pipeline.models.student import trainable_names
+
+        trainable_names(model, cfg.trainable_blocks)
+    except ValueError as err:
+        raise ParamsError(f"{params_file}: {err}") from None
+    opt = Optimisation(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        grad_clip=cfg.grad_clip,
+        accumulate=cfg.accumulate,
+        amp=cfg.amp,
+        seed=cfg.seed,
+    )
+    loss_weights = DistillWeights(cos=cfg.lambda_cos, anchor=cfg.lambda_anchor)
+    targets = distill.Targets.load(embeddings, targets_file, anchor=cfg.lambda_anchor > 0)
+    inputs = [*shards, embeddings / "captions.parquet", targets_file]
+    if cfg.lambda_anchor > 0:
+        inputs.append(embeddings / "images.parquet")
+    key = run_key(params.clip.model, weights_path or pretrained, cfg, opt, inputs, device)
+    start = time.perf_counter()
+    model, trainer, text_hash = distill.train_student(
+        model,
+        cfg.trainable_blocks,
+        loss_weights,
+        opt,
+        shards,
+        targets,
+        preprocess,
+        cfg.batch_size,
+        cfg.workers,
+        root / cfg.scratch / key,
+        device,
+        progress,
+    )
+    seconds = time.perf_counter() - start
+    save_checkpoint(model.cpu(), root / cfg.out)
+    pairs = distill.count_pairs(shards, targets)
+    metrics = {
+        "pairs": pairs,
+        "epochs": trainer.history,
+        "steps": len(trainer.steps),
+        "text_tower_sha256": text_hash,
+        "text_tower_unchanged": True,  # train_student raises otherwise
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train_seconds": round(seconds, 1),
+        "device": device.type,
+    }
+    _write_json(root / METRICS, metrics)
+    _log_live(root / LIVE_DIR, trainer.steps)
+    _prune(root / cfg.scratch, keep=key)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "epochs"}))
+    return metrics
+
+
+def run_key(model: str, weights, cfg, opt: Optimisation, inputs: list[Path], device: torch.device) -> str:
+    """Everything the checkpoints depend on: a resumed run must be the same run."""
+    from pipeline import losses, train
+    from pipeline.models import student
+
+    code = [distill, losses, train, student]
+    spec = {
+        "model": model,
+        "weights": file_hash(Path(weights)) if Path(str(weights)).is_file() else str(weights),
+        "distill": {
+            k: v for k, v in cfg.model_dump().items() if k not in ("out", "scratch", "workers", "device")
+        },
+        "optimisation": asdict(opt),
+        "inputs": [[p.name, file_hash(p)] for p in inputs],
+        "device": device.type,
+        "torch": torch.__version__,
+        "code": [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in code],
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _log_live(folder: Path, steps: list[dict]) -> None:
+    """Per-step losses for `dvc plots`, from the trainer's record (kept across a resume)."""
+    from dvclive import Live
+
+    shutil.rmtree(folder, ignore_errors=True)
+    with Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        for record in steps:
+            for name, value in record.items():
+                if name not in ("step", "epoch"):
+                    live.log_metric(name, value, plot=True)
+            live.next_step()
+
+
+def _prune(scratch: Path, keep: str) -> None:
+    if scratch.is_dir():
+        for d in scratch.iterdir():
+            if d.is_dir() and d.name != keep:
+                shutil.rmtree(d)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

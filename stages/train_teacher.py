@@ -1,0 +1,157 @@
+"""Stage `train_teacher` (dvc.yaml): the cross-modal meta-teacher on the embed cache; its weights
+(models/teacher.pt), per-epoch metrics (metrics/teacher.json, DVCLive plots under
+metrics/teacher/) and the distillation targets of every pair (data/teacher_targets.parquet)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pipeline import teach
+from pipeline.config import ParamsError, load_params
+from pipeline.detect import file_hash
+from pipeline.evaluate import pick_device
+from pipeline.models import teacher as teacher_model
+from pipeline.models.teacher import TeacherConfig
+from pipeline.train import Optimisation
+
+METRICS = Path("metrics/teacher.json")
+LIVE_DIR = Path("metrics/teacher")
+
+
+def run(params_file: Path, progress: bool = True) -> dict:
+    params = load_params(params_file, only=("teacher", "embed"))
+    root = params_file.parent
+    cfg = params.teacher
+    folder = root / params.embed.out / "teacher"
+    shards = tuple(sorted(folder.glob("*.tar")))
+    if not shards:
+        raise ParamsError(
+            f"{params_file}: embed.out: no teacher shards in {folder}; run the embed stage first"
+        )
+    dim = int(next(teach.read_pairs(shards[0])).caption.shape[-1])
+    if dim % cfg.heads:
+        raise ParamsError(
+            f"{params_file}: teacher.heads: {cfg.heads} does not divide the embedding width {dim}"
+        )
+    try:
+        device = pick_device(cfg.device)
+    except ValueError as err:
+        raise ParamsError(f"{params_file}: teacher.device: {err}") from None
+    model_cfg = TeacherConfig(
+        dim=dim,
+        heads=cfg.heads,
+        dropout=cfg.dropout,
+        attention=cfg.attention,
+        regions=cfg.regions,
+        region_weights=cfg.region_weights,
+        pool_temperature=cfg.pool_temperature,
+        aggregation_clusters=cfg.aggregation_clusters,
+    )
+    opt = Optimisation(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        grad_clip=cfg.grad_clip,
+        optimizer="adam",
+        seed=cfg.seed,
+    )
+    data = teach.Data(shards, cfg.batch_size, cfg.val_fraction, cfg.seed)
+    key = run_key(model_cfg, opt, data, cfg.temperature, cfg.learnable_temperature, device)
+    checkpoints = root / cfg.scratch / key
+    start = time.perf_counter()
+    model, history, reference = teach.train_teacher(
+        model_cfg,
+        opt,
+        data,
+        cfg.temperature,
+        cfg.learnable_temperature,
+        checkpoints,
+        device,
+        on_epoch_end=lambda e, r: print(json.dumps({"epoch": e, **r}), file=sys.stderr),
+        progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    teach.load_epoch(model, checkpoints, cfg.use_epoch, device)
+    n = teach.write_targets(model, data, root / cfg.targets, device, dim)
+    _save_teacher(root / cfg.out, model, model_cfg, cfg.use_epoch)
+    metrics = {
+        **teach.summary(history, reference, cfg.use_epoch),
+        "targets": n,
+        "train_seconds": round(seconds, 1),
+        "device": device.type,
+    }
+    _write_json(root / METRICS, metrics)
+    _log_live(root / LIVE_DIR, history, reference)
+    _prune(root / cfg.scratch, keep=key)
+    print(json.dumps({"targets": n, "chosen": metrics["chosen"], "validation_base_clip": reference}))
+    return metrics
+
+
+def run_key(model_cfg, opt, data: teach.Data, temperature: float, learnable: bool, device) -> str:
+    """Everything the checkpoints depend on: a resumed run must be the same run."""
+    code = [
+        teach,
+        teacher_model,
+        sys.modules[Optimisation.__module__],
+        sys.modules[teach.info_nce.__module__],
+    ]
+    spec = {
+        "model": asdict(model_cfg),
+        "optimisation": asdict(opt),
+        "data": {"batch_size": data.batch_size, "val_fraction": data.val_fraction, "seed": data.seed},
+        "shards": [[s.name, file_hash(s)] for s in data.shards],
+        "temperature": [temperature, learnable],
+        "device": device.type,
+        "torch": torch.__version__,
+        "code": [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in code],
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _save_teacher(path: Path, model, model_cfg: TeacherConfig, epoch: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"config": asdict(model_cfg), "epoch": epoch, "state_dict": model.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def _log_live(folder: Path, history: list[dict], reference: dict) -> None:
+    """Per-epoch curves for `dvc plots`, written from the history once training is done, so a
+    resumed run logs exactly what an uninterrupted one does."""
+    from dvclive import Live
+
+    shutil.rmtree(folder, ignore_errors=True)
+    with Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        for record in history:
+            for name, value in record.items():
+                if name != "epoch":
+                    live.log_metric(name, value, plot=True)
+            for name, value in reference.items():
+                if name != "pairs":
+                    live.log_metric(name, value, plot=True)
+            live.next_step()
+
+
+def _prune(scratch: Path, keep: str) -> None:
+    """Checkpoints of other runs: a finished run's own stay, for a re-run with a new use_epoch."""
+    if scratch.is_dir():
+        for d in scratch.iterdir():
+            if d.is_dir() and d.name != keep:
+                shutil.rmtree(d)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(teach.dumps(obj))
+    os.replace(tmp, path)
