@@ -61,7 +61,9 @@ from pipeline.sources import (
     read_flickr30k_test_karpathy,
     read_imagenet_val,
     read_karpathy,
+    read_sugarcrepe,
 )
+from pipeline.sources.sugarcrepe import ProbeItem
 from pipeline.tables import write_table
 
 if TYPE_CHECKING:
@@ -112,6 +114,9 @@ TEST_SCHEMA = pa.schema(
     ]
 )
 ZEROSHOT_SCHEMA = pa.schema([_s("key"), _s("shard"), _s("id"), _i("label")])
+PROBE_SCHEMA = pa.schema(
+    [_s("category"), _s("index"), _s("key"), _s("shard"), _s("caption"), _s("negative_caption")]
+)
 REJECTS_SCHEMA = pa.schema([_s("source"), _s("id"), _s("reason"), _s("detail")])
 
 
@@ -131,6 +136,8 @@ class SourcePaths:
     imagenet_val: Path
     cifar10: Path
     cifar100: Path
+    sugarcrepe_annotations: Path
+    sugarcrepe_images: Path
     coco_test: Path | None = None  # CLIP_benchmark's files, when the test sets come from them
     flickr30k_test: Path | None = None
 
@@ -144,6 +151,8 @@ class SourcePaths:
         "imagenet_val": "sources.imagenet.val",
         "cifar10": "sources.cifar10.folder",
         "cifar100": "sources.cifar100.folder",
+        "sugarcrepe_annotations": "sources.sugarcrepe.annotations",
+        "sugarcrepe_images": "sources.sugarcrepe.images",
         "coco_test": "sources.karpathy.coco_test",
         "flickr30k_test": "sources.karpathy.flickr30k_test",
     }
@@ -162,6 +171,8 @@ class SourcePaths:
             imagenet_val=base / sources.imagenet.val,
             cifar10=base / sources.cifar10.folder,
             cifar100=base / sources.cifar100.folder,
+            sugarcrepe_annotations=base / sources.sugarcrepe.annotations,
+            sugarcrepe_images=base / sources.sugarcrepe.images,
             coco_test=karpathy / sources.karpathy.coco_test if sources.karpathy.coco_test else None,
             flickr30k_test=(
                 karpathy / sources.karpathy.flickr30k_test if sources.karpathy.flickr30k_test else None
@@ -727,6 +738,61 @@ def _write_heldout(
     }
 
 
+# --- the compositional probe -------------------------------------------------------------------------
+
+
+def _write_probe(
+    items: list[ProbeItem],
+    folder: Path,
+    out: Path,
+    decoder: Decoder,
+    cfg: Curate,
+    sel: Selection,
+    progress: bool,
+) -> dict[str, Any]:
+    """SugarCrepe's images (each once, however many items name it) as shards, and its items as a
+    table; an item whose image is missing or unreadable is refused with the image."""
+    ledger, keys = sel.ledger, KeyRegistry()
+    names = list(dict.fromkeys(i.filename for i in items))
+    prep = partial(prepare, size=cfg.image_size, quality=cfg.jpeg_quality)
+    jobs = ((name, str(folder / name) if (folder / name).is_file() else None) for name in names)
+    where: dict[str, tuple[str, str]] = {}
+    with ShardWriter(out / "probe" / "sugarcrepe", max_count=cfg.shard_size) as writer:
+        for name, result in tqdm(
+            decoder.map(prep, jobs), total=len(names), desc="sugarcrepe", disable=not progress, leave=False
+        ):
+            if result is None:
+                ledger.refuse("sugarcrepe", name, "missing_file", f"no image file {folder / name}")
+                continue
+            if isinstance(result, Refusal):
+                ledger.refuse("sugarcrepe", name, result.reason, result.detail)
+                continue
+            sel.heldout.setdefault(result.content_hash, f"sugarcrepe {name}")
+            key = keys.key("sugarcrepe", name)
+            meta = {"source": "sugarcrepe", "id": name, "width": result.width, "height": result.height}
+            shard = writer.write(key, {"jpg": result.jpeg, "json": meta})
+            where[name] = (key, f"probe/sugarcrepe/{shard}")
+    rows = [
+        {
+            "category": i.category,
+            "index": i.index,
+            "key": where[i.filename][0],
+            "shard": where[i.filename][1],
+            "caption": i.caption,
+            "negative_caption": i.negative_caption,
+        }
+        for i in items
+        if i.filename in where
+    ]
+    write_table(out / "probe" / "sugarcrepe.parquet", rows, PROBE_SCHEMA)
+    return {
+        "images": len(where),
+        "items": dict(sorted(Counter(r["category"] for r in rows).items())),
+        "items_dropped": len(items) - len(rows),
+        "rejected": ledger.split("sugarcrepe")[1],
+    }
+
+
 # --- zero-shot sets ---------------------------------------------------------------------------------
 
 
@@ -892,6 +958,7 @@ def curate(
             )
         flickr_out = {h.id: h.split for h in flickr_heldout}
         coco_train = read_captions(paths.coco_train_annotations)
+        probe_items = read_sugarcrepe(paths.sugarcrepe_annotations)
         with Decoder(cfg.workers) as decoder:
             test = {
                 "coco": _write_heldout("coco", coco_heldout, tmp, decoder, cfg, sel, progress),
@@ -900,6 +967,7 @@ def curate(
             # Which file each test set came from: Karpathy's JSON or CLIP_benchmark's.
             test["coco"]["annotations"] = (paths.coco_test or paths.coco_karpathy).name
             test["flickr30k"]["annotations"] = (paths.flickr30k_test or paths.flickr30k_karpathy).name
+            probe = _write_probe(probe_items, paths.sugarcrepe_images, tmp, decoder, cfg, sel, progress)
             # COCO: train2017 (or train2014) captions, Karpathy val/test ids out.
             split_of = {int(h.id): h.split for h in coco_heldout}
             ranked = []
@@ -943,7 +1011,7 @@ def curate(
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    return _metrics(sel, ledger, test, zeroshot, train_shards)
+    return {**_metrics(sel, ledger, test, zeroshot, train_shards), "probe": {"sugarcrepe": probe}}
 
 
 def _metrics(sel: Selection, ledger: Ledger, test: dict, zeroshot: dict, train_shards: int) -> dict:

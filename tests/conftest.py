@@ -29,6 +29,7 @@ TINY_WORLD = {
         "cifar100_train_per_class": 1,
         "cifar100_test_per_class": 1,
     },
+    "probe": {"images": 30, "per_category": 4},
     "planted_duplicates": 2,
     "workers": 2,
 }

@@ -45,6 +45,8 @@ def paths_for(world: Path) -> SourcePaths:
         imagenet_val=world / "imagenet" / "val",
         cifar10=world / "cifar-10-batches-py",
         cifar100=world / "cifar-100-python",
+        sugarcrepe_annotations=world / "sugarcrepe",
+        sugarcrepe_images=world / "sugarcrepe" / "images",
     )
 
 
@@ -457,6 +459,7 @@ def test_the_stage_refuses_a_caption_limit_beyond_the_models_context(tiny_world,
         "imagenet": {"val": str(p.imagenet_val)},
         "cifar10": {"folder": str(p.cifar10)},
         "cifar100": {"folder": str(p.cifar100)},
+        "sugarcrepe": {"annotations": str(p.sugarcrepe_annotations), "images": str(p.sugarcrepe_images)},
     }
     raw = {"clip": {"model": "DCLIP-Demo-S16"}, "sources": sources, "curate": {"caption": {"max_tokens": 40}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -606,3 +609,51 @@ def test_a_coco_test_file_name_without_an_id_is_named(tiny_world, tmp_path, toke
             count,
             context,
         )
+
+
+# --- the compositional probe ----------------------------------------------------------------------
+
+
+def test_the_probe_images_come_in_once_each_with_every_item(tiny_world, everything):
+    from pipeline.sources import read_sugarcrepe
+
+    out, metrics = everything
+    items = read_sugarcrepe(tiny_world / "sugarcrepe")
+    rows = pq.read_table(out / "probe" / "sugarcrepe.parquet").to_pylist()
+    assert [(r["category"], r["index"], r["caption"], r["negative_caption"]) for r in rows] == [
+        (i.category, i.index, i.caption, i.negative_caption) for i in items
+    ]
+    images = samples(out / "probe" / "sugarcrepe")
+    assert set(images) == {r["key"] for r in rows}
+    assert len(images) == len({i.filename for i in items}) == metrics["probe"]["sugarcrepe"]["images"]
+    by_name = {json.loads(s["json"])["id"]: k for k, s in images.items()}
+    assert all(by_name[i.filename] == r["key"] for i, r in zip(items, rows))
+    assert metrics["probe"]["sugarcrepe"]["items"] == dict(Counter(i.category for i in items))
+
+
+def test_a_missing_probe_image_drops_its_items_and_is_recorded(tiny_world, tmp_path, tokens):
+    from dataclasses import replace
+
+    from pipeline.sources import read_sugarcrepe
+
+    images = tmp_path / "images"
+    shutil.copytree(tiny_world / "sugarcrepe" / "images", images)
+    items = read_sugarcrepe(tiny_world / "sugarcrepe")
+    gone = items[0].filename
+    (images / gone).unlink()
+    count, context = tokens
+    out = tmp_path / "curated"
+    metrics = curate(
+        settings(1, 0, 0),
+        replace(paths_for(tiny_world), sugarcrepe_images=images),
+        out,
+        count,
+        context,
+        progress=False,
+    )
+    probe = metrics["probe"]["sugarcrepe"]
+    assert probe["items_dropped"] == sum(i.filename == gone for i in items) >= 1
+    assert probe["rejected"] == {"missing_file": 1}
+    assert {(r["source"], r["id"], r["reason"]) for r in rejects(out)} >= {
+        ("sugarcrepe", gone, "missing_file")
+    }

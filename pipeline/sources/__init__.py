@@ -11,10 +11,12 @@ from pipeline.sources.errors import SourceError
 from pipeline.sources.imagenet import read_imagenet_val, read_synset_mapping
 from pipeline.sources.img2dataset import WebSample, iter_shards, read_failures
 from pipeline.sources.karpathy import KarpathyImage, read_karpathy
+from pipeline.sources.sugarcrepe import ProbeItem, read_sugarcrepe
 
 __all__ = [
     "CocoImage",
     "KarpathyImage",
+    "ProbeItem",
     "SourceError",
     "TestImage",
     "WebSample",
@@ -27,5 +29,6 @@ __all__ = [
     "read_flickr30k_test_karpathy",
     "read_imagenet_val",
     "read_karpathy",
+    "read_sugarcrepe",
     "read_synset_mapping",
 ]

@@ -11,6 +11,7 @@ Layout under the output folder:
     imagenet/val/<wnid>/ILSVRC2012_val_<n>.JPEG, imagenet/LOC_synset_mapping.txt
     cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}
     cifar-100-python/{train,test,meta}
+    sugarcrepe/<category>.json, sugarcrepe/images/*.jpg   (the compositional probe, SugarCrepe's format)
     ground_truth.parquet   one row per drawn object (file, class, box, visibility)
     world.json             counts, class lists and every planted overlap
 
@@ -35,7 +36,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.config import World
-from pipeline.world import formats
+from pipeline.world import formats, probes
 from pipeline.world.captions import captions, plural
 from pipeline.world.scene import (
     COLOURS,
@@ -49,8 +50,8 @@ from pipeline.world.scene import (
 
 # Source codes: the second element of every image's seed. Never reuse one: a new source or split
 # gets a new code, so that no two images share a seed by accident.
-COCO, FLICKR, CC, IMAGENET, CIFAR10_TRAIN, CIFAR10_TEST, CIFAR100_TRAIN, CIFAR100_TEST, PRETRAIN = range(
-    1, 10
+COCO, FLICKR, CC, IMAGENET, CIFAR10_TRAIN, CIFAR10_TEST, CIFAR100_TRAIN, CIFAR100_TEST, PRETRAIN, PROBE = (
+    range(1, 11)
 )
 SCENE_STREAM, CAPTION_STREAM, ID_STREAM = 0, 1, 2
 
@@ -205,6 +206,7 @@ def generate_world(cfg: World, out: Path | str, progress: bool = True) -> dict:
         cc = _write_cc(cfg, tmp, painter, truth, flickr["test_keys"])
         imagenet = _write_imagenet(cfg, tmp, painter, truth)
         cifar = _write_cifar(cfg, tmp, painter)
+        probe = _write_probe(cfg, tmp, painter, truth)
     truth.write(tmp / "ground_truth.parquet")
     summary = {
         "generator": "dclip demo world, version 1",
@@ -214,6 +216,7 @@ def generate_world(cfg: World, out: Path | str, progress: bool = True) -> dict:
         "cc": cc["summary"],
         "imagenet": imagenet,
         "cifar": cifar,
+        "probe": probe,
         "planted_duplicates": flickr["planted"] + cc["planted"],
         "vocabulary": {"shapes": list(SHAPES), "colours": list(COLOURS), "sizes": ["small", "large"]},
     }
@@ -577,6 +580,40 @@ def _write_cifar(cfg: World, root: Path, painter: Painter) -> dict:
 
 
 # --- the demo models' pretraining split ------------------------------------------------------
+
+
+# --- the compositional probe (SugarCrepe's format) ---------------------------------------------
+
+
+def _write_probe(cfg: World, root: Path, painter: Painter, truth: GroundTruth) -> dict:
+    """sugarcrepe/<category>.json and sugarcrepe/images/*.jpg: fresh two- and three-object scenes,
+    each giving at most one item per category; the first `per_category` items of each are kept."""
+    p = cfg.probe
+    ids = _unique_ids(cfg.seed, PROBE, p.images, 700_000, 799_999)  # apart from the COCO ids
+    jobs = [Job(PROBE, i, n_objects=2 + i % 2) for i in range(p.images)]
+    folder = root / "sugarcrepe" / "images"
+    folder.mkdir(parents=True)
+    items: dict[str, list[dict]] = {c: [] for c in probes.CATEGORIES}
+    for i, sample in enumerate(painter.paint(jobs, "probe")):
+        name = f"{ids[i]:012d}.jpg"
+        rng = np.random.default_rng([cfg.seed, PROBE, i, CAPTION_STREAM])
+        made = {c: probes.probe_pair(sample.scene, c, rng) for c in probes.CATEGORIES}
+        wanted = {c: pair for c, pair in made.items() if pair is not None and len(items[c]) < p.per_category}
+        if not wanted:
+            continue
+        (folder / name).write_bytes(sample.data)
+        truth.add(f"sugarcrepe/images/{name}", sample.scene)
+        for c, (caption, negative) in wanted.items():
+            items[c].append({"filename": name, "caption": caption, "negative_caption": negative})
+    short = {c: len(v) for c, v in items.items() if len(v) < p.per_category}
+    if short:
+        raise ValueError(
+            f"world.probe.images: {p.images} images gave too few items for {short} "
+            f"(per_category {p.per_category}); raise world.probe.images"
+        )
+    for c, rows in items.items():
+        formats.write_json(root / "sugarcrepe" / f"{c}.json", {str(k): row for k, row in enumerate(rows)})
+    return {"images": len(list(folder.iterdir())), "items": {c: len(v) for c, v in items.items()}}
 
 
 def generate_pretrain_split(
