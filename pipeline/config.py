@@ -89,6 +89,13 @@ class ZeroShotWorld(Section):
     cifar100_test_per_class: Count = 10
 
 
+class ProbeWorld(Section):
+    """The compositional probe (SugarCrepe's format) on fresh images used for nothing else."""
+
+    images: Count = 320
+    per_category: Count = 200  # items kept per category; generation fails if images give fewer
+
+
 class World(Section):
     seed: Count = 0
     # min and max side, pixels (YAML gives a list: the field accepts it as a pair)
@@ -98,6 +105,7 @@ class World(Section):
     flickr30k: FlickrWorld = FlickrWorld()
     cc: ConceptualCaptionsWorld = ConceptualCaptionsWorld()
     zeroshot: ZeroShotWorld = ZeroShotWorld()
+    probe: ProbeWorld = ProbeWorld()
     # Karpathy test images copied byte for byte into Flickr30k train and into CC, as web crawls
     # do: the leakage guard's content hash must catch them.
     planted_duplicates: Count = 5
@@ -311,6 +319,11 @@ class CifarSource(Section):
     folder: PathStr
 
 
+class SugarcrepeSource(Section):
+    annotations: PathStr = "demo/raw/sugarcrepe"  # the seven <category>.json files
+    images: PathStr = "demo/raw/sugarcrepe/images"  # COCO val2017 on a real run
+
+
 class Sources(Section):
     """The raw datasets (read by curate). The defaults are the demo world's."""
 
@@ -321,6 +334,193 @@ class Sources(Section):
     imagenet: ImagenetSource = ImagenetSource()
     cifar10: CifarSource = CifarSource(folder="demo/raw/cifar-10-batches-py")
     cifar100: CifarSource = CifarSource(folder="demo/raw/cifar-100-python")
+    sugarcrepe: SugarcrepeSource = SugarcrepeSource()
+
+
+# --- detect: YOLO regions of the training images -----------------------------------------------
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+class Detect(Section):
+    """Regions of every training image. The defaults are ultralytics' predict() defaults at the
+    paper detector's (YOLOv8x) input size."""
+
+    imgsz: PositiveInt = 640  # side of the square letterbox; a multiple of the model's stride (32)
+    conf: Fraction = 0.25  # confidence threshold
+    iou: Fraction = 0.7  # NMS IoU threshold
+    max_regions: PositiveInt = 10  # per image, the most confident after the area filter
+    # Class ids or names kept (e.g. [person, dog] for a COCO detector); null: every class.
+    classes: list[int | str] | None = None
+    min_area_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # of the image's area
+    batch_size: PositiveInt = 32
+    workers: PositiveInt = 2  # decoding threads; the output does not depend on it
+    device: str = "auto"  # auto (CUDA with float16 when present), cpu, cuda or cuda:N
+    scratch: PathStr = "data/detect-scratch"  # per-shard parts a re-run resumes from
+    out: PathStr = "data/regions.parquet"
+
+    @field_validator("imgsz")
+    @classmethod
+    def _stride(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError("must be a multiple of 32, the YOLO stride")
+        return v
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _class_list(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if not isinstance(v, list) or not v:
+            raise ValueError("must be a non-empty list of class ids or names, or null for every class")
+        for c in v:
+            if not ((type(c) is int and c >= 0) or (isinstance(c, str) and c.strip())):
+                raise ValueError(f"entry {c!r} is neither a class id (an integer >= 0) nor a class name")
+        if len(set(v)) < len(v):
+            raise ValueError("lists a class twice")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.fullmatch(v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+
+# --- embed: the CLIP embedding cache -----------------------------------------------------------
+
+
+class Embed(Section):
+    """CLIP embeddings of every training pair (clip above): whole image, regions (the whole image
+    is region 0, then the detect boxes), caption, caption tokens, region weights."""
+
+    # Context added around each box before cropping, as a fraction of the box's width (height)
+    # on each side; the crop is clipped to the image.
+    context_margin: Fraction = 0.0
+    # Region weight factor: product (conf × area × cos, the paper), conf, area, sim or uniform;
+    # normalised per pair, uniform when all factors are 0.
+    weights: Literal["product", "conf", "area", "sim", "uniform"] = "product"
+    # Regions per image, the whole image included (the most confident boxes); null: every box.
+    max_regions: PositiveInt | None = None
+    batch_size: PositiveInt = 64  # crops (and captions) per forward pass
+    workers: PositiveInt = 2  # decoding and cropping threads; the output does not depend on it
+    device: str = "auto"  # auto (CUDA with float16 autocast when present), cpu, cuda or cuda:N
+    scratch: PathStr = "data/embed-scratch"  # per-shard parts a re-run resumes from
+    out: PathStr = "data/embeddings"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.fullmatch(v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+
+# --- evaluate: retrieval and zero-shot classification of any CLIP checkpoint ------------------
+
+EvalSet = Literal["coco", "flickr30k", "imagenet", "cifar10", "cifar100", "sugarcrepe"]
+
+
+class Evaluate(Section):
+    """Karpathy test retrieval and zero-shot classification of a clip.model checkpoint, on the
+    evaluation sets that curate wrote."""
+
+    # Karpathy test sets (coco, flickr30k), zero-shot sets (imagenet, cifar10, cifar100) and the
+    # compositional probe (sugarcrepe).
+    datasets: list[EvalSet] = ["coco", "flickr30k", "imagenet", "cifar10", "cifar100", "sugarcrepe"]
+    # single: the paper's "This is a photo of a {label}"; openai: OpenAI's 80 ImageNet templates
+    # as open_clip ships them, averaged per class (normalised, mean, renormalised).
+    prompts: Literal["single", "openai"] = "single"
+    batch_size: PositiveInt = 256  # images (and captions) per forward pass
+    workers: Count = 2  # image decoding processes (0: in the stage's own); results do not depend on it
+    device: str = "auto"  # auto (CUDA with autocast when present), cpu, cuda or cuda:N
+
+    @field_validator("datasets")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one data set")
+        if len(set(v)) != len(v):
+            raise ValueError("a data set is named twice")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.fullmatch(v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+
+# --- train_teacher and distill ------------------------------------------------------------------
+
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+Device = Annotated[str, AfterValidator(lambda v: _check_device(v))]
+
+
+def _check_device(v: str) -> str:
+    if not _DEVICE.fullmatch(v):
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+    return v
+
+
+class Teacher(Section):
+    """The cross-modal meta-teacher (pipeline/models/teacher.py) and its training on the embed
+    cache. Its width is CLIP's joint space, read from the cache."""
+
+    heads: PositiveInt = 8  # attention heads; must divide the width (8 for ViT-B's 512, 12 for ViT-L's 768)
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    attention: Literal["bidirectional", "text_to_regions", "regions_to_text", "none"] = "bidirectional"
+    regions: Literal["yolo", "whole_image"] = "yolo"  # whole_image: the no-YOLO ablation
+    region_weights: bool = True  # apply embed's region weights (as attention log-priors)
+    pool_temperature: PositiveFloat = 0.1  # T of softmax(cos(x_i, mean x) / T) pooling
+    aggregation_clusters: Literal[1, 3] = 1  # 3: the paper's ViT-L multi-cluster aggregation
+    temperature: PositiveFloat = 0.07  # InfoNCE temperature (its initial value when learnable)
+    learnable_temperature: bool = True
+    epochs: PositiveInt = 5
+    use_epoch: PositiveInt = 3  # whose weights make the targets (the paper's "sweet spot": 2-3)
+    batch_size: Annotated[int, Field(ge=2, strict=True)] = 128
+    lr: PositiveFloat = 5e-4
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    warmup_steps: Count = 10
+    grad_clip: PositiveFloat | None = 1.0
+    val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05  # held-out slice of the training pairs
+    seed: Count = 0
+    device: Device = "auto"  # auto (CUDA with AMP when present), cpu, cuda or cuda:N
+    scratch: PathStr = "data/teacher-scratch"  # per-epoch checkpoints a killed run resumes from
+    out: PathStr = "models/teacher.pt"
+    targets: PathStr = "data/teacher_targets.parquet"
+
+    @field_validator("use_epoch")
+    @classmethod
+    def _epoch_exists(cls, v: int, info: ValidationInfo) -> int:
+        epochs = info.data.get("epochs")
+        if epochs is not None and v > epochs:
+            raise ValueError(f"exceeds teacher.epochs ({epochs})")
+        return v
+
+
+class Distill(Section):
+    """The student: clip.model from clip.pretrained, image tower fine-tuned, text tower frozen."""
+
+    trainable_blocks: Count | None = None  # the last N image-tower blocks (and its head); null: all
+    lambda_cos: Annotated[float, Field(ge=0.0)] = 1.0  # pull toward the teacher; 0: the no-teacher ablation
+    lambda_anchor: Annotated[float, Field(ge=0.0)] = 0.0  # stay near base CLIP (the paper's ViT-L)
+    epochs: PositiveInt = 2  # the paper: 2
+    batch_size: Annotated[int, Field(ge=2, strict=True)] = 32  # the paper: 32
+    accumulate: PositiveInt = 1  # batches per optimiser step
+    lr: PositiveFloat = 1e-5
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.1
+    warmup_steps: Count = 10
+    grad_clip: PositiveFloat | None = 1.0
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 (or fp16) on CUDA, none on CPU
+    workers: PositiveInt = 2  # decoding threads; the result does not depend on it
+    seed: Count = 0
+    device: Device = "auto"
+    scratch: PathStr = "data/distill-scratch"  # per-epoch checkpoints a killed run resumes from
+    out: PathStr = "models/student.pt"
 
 
 class Params(Section):
@@ -329,6 +529,11 @@ class Params(Section):
     detector: Detector = Detector()
     sources: Sources = Sources()
     curate: Curate = Curate()
+    detect: Detect = Detect()
+    embed: Embed = Embed()
+    evaluate: Evaluate = Evaluate()
+    teacher: Teacher = Teacher()
+    distill: Distill = Distill()
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -68,6 +69,35 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def colour_groups(captions: list[list[str]]) -> dict[str, np.ndarray]:
+    """For every colour of the world, the indices of the images whose captions name it."""
+    from pipeline.world.scene import COLOURS
+
+    words = [set(re.findall(r"[a-z]+", " ".join(caps).lower())) for caps in captions]
+    groups = {c: np.array([i for i, w in enumerate(words) if c in w], dtype=np.int64) for c in COLOURS}
+    return {c: g for c, g in groups.items() if len(g)}
+
+
+def batch_indices(
+    order: torch.Tensor, b: int, size: int, hard: int, groups: dict[str, np.ndarray], gen: torch.Generator
+) -> torch.Tensor:
+    """Batch b: `size - hard` images from the epoch's permutation plus `hard` images that all share
+    one colour (drawn at random), without repeats.
+
+    Hard negatives on purpose: in a random batch the colours of a scene single it out almost
+    always, so a contrastive model learns colours and stays blind to shape (measured: shape at
+    chance with random batches). Among images that share a colour, only shape, size, position
+    and the other objects tell the captions apart."""
+    easy = order[b * (size - hard) : (b + 1) * (size - hard)]
+    if hard == 0:
+        return easy
+    names = sorted(groups)
+    group = torch.from_numpy(groups[names[int(torch.randint(len(names), (1,), generator=gen))]])
+    pick = group[torch.randperm(len(group), generator=gen)[: hard + len(easy)]]
+    pick = pick[~torch.isin(pick, easy)][:hard]
+    return torch.cat([easy, pick])
+
+
 def train_clip(
     folder: Path,
     epochs: int,
@@ -78,6 +108,7 @@ def train_clip(
     weight_decay: float = 0.1,
     warmup: int = 100,
     seed: int = 0,
+    hard_fraction: float = 0.0,
 ) -> tuple[torch.nn.Module, dict]:
     import open_clip
 
@@ -96,7 +127,10 @@ def train_clip(
     )
     loss_fn = open_clip.ClipLoss()
     gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = len(images) // batch_size
+    hard = int(round(hard_fraction * batch_size))
+    groups = colour_groups(captions) if hard else {}
+    # An epoch still sees every image once through the permutation (the easy part of the batches).
+    steps_per_epoch = len(images) // (batch_size - hard)
     total = epochs * steps_per_epoch
     model.train()
     start, step, losses = time.perf_counter(), 0, []
@@ -105,7 +139,7 @@ def train_clip(
         order = torch.randperm(len(images), generator=gen)
         which = torch.randint(0, tokens.shape[1], (len(images),), generator=gen)
         for b in range(steps_per_epoch):
-            idx = order[b * batch_size : (b + 1) * batch_size]
+            idx = batch_indices(order, b, batch_size, hard, groups, gen)
             for group in opt.param_groups:
                 group["lr"] = lr * cosine_schedule(step, total, warmup)
             img_f = model.encode_image(images[idx].float(), normalize=True)
@@ -129,6 +163,7 @@ def train_clip(
         "epochs": epochs,
         "steps": total,
         "batch_size": batch_size,
+        "hard_negatives_per_batch": hard,
         "lr": lr,
         "final_loss": round(float(np.mean(losses[-50:])), 4),
         "seconds": round(time.perf_counter() - start, 1),

@@ -68,6 +68,113 @@ def curate(
         _fail(str(err), code=1)
 
 
+@app.command()
+def detect(
+    params: ParamsFile = Path("params.yaml"),
+    metrics: Annotated[Path, typer.Option(help="Where the stage's metrics JSON goes.")] = Path(
+        "metrics/detect.json"
+    ),
+) -> None:
+    """Stage `detect`: YOLO regions of every training image (resumable per shard)."""
+    from pipeline.models.detector import DetectorError
+    from stages import detect as stage
+
+    try:
+        stage.run(params, metrics)
+    except ParamsError as err:
+        _fail(str(err))
+    except DetectorError as err:
+        _fail(str(err), code=1)
+
+
+@app.command()
+def embed(
+    params: ParamsFile = Path("params.yaml"),
+    metrics: Annotated[Path, typer.Option(help="Where the stage's metrics JSON goes.")] = Path(
+        "metrics/embed.json"
+    ),
+) -> None:
+    """Stage `embed`: CLIP embeddings of every training pair (image, regions, caption, tokens,
+    region weights) as Parquet tables and teacher-ready shards (resumable per shard)."""
+    from pipeline.embed import EmbedError
+    from stages import embed as stage
+
+    try:
+        stage.run(params, metrics)
+    except ParamsError as err:
+        _fail(str(err))
+    except EmbedError as err:
+        _fail(str(err), code=1)
+
+
+@app.command("train-teacher")
+def train_teacher(params: ParamsFile = Path("params.yaml")) -> None:
+    """Stage `train_teacher`: the cross-modal meta-teacher on the embed cache (resumable per
+    epoch), then the teacher image embedding of every training pair."""
+    from stages import train_teacher as stage
+
+    try:
+        stage.run(params)
+    except ParamsError as err:
+        _fail(str(err))
+
+
+@app.command()
+def distill(params: ParamsFile = Path("params.yaml")) -> None:
+    """Stage `distill`: the CLIP student — image tower fine-tuned toward the teacher targets, text
+    tower frozen and checked by hash (resumable per epoch); models/student.pt."""
+    from pipeline.distill import DistillError
+    from stages import distill as stage
+
+    try:
+        stage.run(params)
+    except ParamsError as err:
+        _fail(str(err))
+    except DistillError as err:
+        _fail(str(err), code=1)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option(help="The model's name: base, student, … (names its outputs).")] = (
+        "base"
+    ),
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Its checkpoint (a path or open_clip tag); default: clip.pretrained for base."),
+    ] = None,
+    params: ParamsFile = Path("params.yaml"),
+    metrics_dir: Annotated[Path, typer.Option(help="Where <model>.json and recall/<model>.csv go.")] = Path(
+        "metrics"
+    ),
+) -> None:
+    """Stage `evaluate@<model>`: Karpathy test retrieval (R@1/5/10, mAP, MRR both ways) and
+    zero-shot top-1/top-5 of one CLIP checkpoint on the curated evaluation sets."""
+    from stages import evaluate as stage
+
+    try:
+        stage.run(params, model, weights, metrics_dir)
+    except ParamsError as err:
+        _fail(str(err))
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err), code=1)
+
+
+@app.command()
+def report(
+    models: Annotated[list[str], typer.Argument(help="Models to compare; the first is the reference.")],
+    metrics_dir: Annotated[Path, typer.Option(help="Where the models' <model>.json are.")] = Path("metrics"),
+) -> None:
+    """Stage `report`: evaluated models side by side against the first (absolute and relative
+    gains, zero-shot retention) as metrics/report.json and metrics/report.md."""
+    from stages import report as stage
+
+    try:
+        stage.run(models, metrics_dir)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err), code=1)
+
+
 @demo_app.command("train-models")
 def train_models(
     work: Annotated[Path, typer.Option(help="Scratch folder for the pretraining split and runs.")] = Path(
@@ -81,6 +188,9 @@ def train_models(
     single_object_fraction: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of training images with one object.")
     ] = 0.3,
+    hard_fraction: Annotated[
+        float, typer.Option(min=0.0, max=0.9, help="Share of each CLIP batch that shares one colour.")
+    ] = 0.0,
     only: Annotated[str, typer.Option(help="both, clip or yolo")] = "both",
     seed: int = 0,
     params: ParamsFile = Path("params.yaml"),
@@ -101,6 +211,7 @@ def train_models(
             yolo_epochs,
             yolo_images,
             single_object_fraction,
+            hard_fraction,
             only,
             seed,
         )

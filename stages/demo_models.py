@@ -41,6 +41,7 @@ def run(
     yolo_epochs: int,
     yolo_images: int,
     single_object_fraction: float,
+    hard_fraction: float,
     only: str,
     seed: int,
 ) -> None:
@@ -60,7 +61,7 @@ def run(
         "val_images": val_images,
     }
     if only in ("both", "clip"):
-        model, train = dm.train_clip(split, epochs=clip_epochs, seed=seed)
+        model, train = dm.train_clip(split, epochs=clip_epochs, seed=seed, hard_fraction=hard_fraction)
         _, preprocess, tokenizer = create(dm.CLIP_MODEL, "none")
         val_imgs, val_caps = dm.load_split(split, "val", preprocess)
         cls_imgs, cls_labels, names = dm.class_images(cfg, preprocess, per_class=5, offset=n_total)

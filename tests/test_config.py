@@ -82,6 +82,11 @@ def test_empty_file_takes_every_default(tmp_path):
         (("sources", "karpathy", "folder"), "", "sources.karpathy.folder: must be a non-empty path (value '')"),
         (("sources", "karpathy", "coco_test"), "x/coco_test_karpathy.json", "sources.karpathy.coco_test: must be a file name inside sources.karpathy.folder, without a folder (value 'x/coco_test_karpathy.json')"),
         (("sources", "coco", "karpathy"), "a.json", "sources.coco.karpathy: unknown key (value 'a.json')"),
+        (("teacher", "use_epoch"), 9, "teacher.use_epoch: exceeds teacher.epochs (5) (value 9)"),
+        (("teacher", "attention"), "both", "teacher.attention: Input should be 'bidirectional', 'text_to_regions', 'regions_to_text' or 'none' (value 'both')"),
+        (("teacher", "aggregation_clusters"), 2, "teacher.aggregation_clusters: Input should be 1 or 3 (value 2)"),
+        (("teacher", "batch_size"), 1, "teacher.batch_size: Input should be greater than or equal to 2 (value 1)"),
+        (("teacher", "device"), "gpu", "teacher.device: must be auto, cpu, cuda or cuda:N (value 'gpu')"),
         (("sources", "cifar10", "folder"), 10, "sources.cifar10.folder: Input should be a valid string (value 10)"),
     ],
 )  # fmt: skip

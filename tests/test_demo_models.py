@@ -121,3 +121,20 @@ def test_default_params_use_the_committed_weights():
     params = load_params(REPO / "params.yaml")
     assert (REPO / params.clip.pretrained).resolve() == CLIP_FILE.resolve()
     assert (REPO / params.detector.weights).resolve() == YOLO_FILE.resolve()
+
+
+def test_colour_groups_and_hard_negative_batches():
+    import torch
+
+    from pipeline.demo_models import batch_indices, colour_groups
+
+    groups = colour_groups(
+        [["A red circle."], ["A blue star and a red ring."], ["Two green objects."], ["A red heart"]]
+    )
+    assert {c: g.tolist() for c, g in groups.items()} == {"red": [0, 1, 3], "blue": [1], "green": [2]}
+    order = torch.tensor([2, 0, 1, 3])
+    gen = torch.Generator().manual_seed(0)
+    batch = batch_indices(order, 0, 3, 2, {"red": groups["red"]}, gen)
+    # One image from the permutation, then two that share the colour red, without repeats.
+    assert batch[0] == 2 and set(batch[1:].tolist()) <= {0, 1, 3} and len(set(batch.tolist())) == 3
+    assert torch.equal(batch_indices(order, 1, 2, 0, {}, gen), torch.tensor([1, 3]))
