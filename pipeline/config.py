@@ -343,6 +343,15 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
+def _check_device(v: str) -> str:
+    if not _DEVICE.fullmatch(v):
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+    return v
+
+
+Device = Annotated[str, AfterValidator(_check_device)]  # auto, cpu, cuda or cuda:N
+
+
 class Detect(Section):
     """Regions of every training image. The defaults are ultralytics' predict() defaults at the
     paper detector's (YOLOv8x) input size."""
@@ -356,7 +365,7 @@ class Detect(Section):
     min_area_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # of the image's area
     batch_size: PositiveInt = 32
     workers: PositiveInt = 2  # decoding threads; the output does not depend on it
-    device: str = "auto"  # auto (CUDA with float16 when present), cpu, cuda or cuda:N
+    device: Device = "auto"  # auto (CUDA with float16 when present), cpu, cuda or cuda:N
     scratch: PathStr = "data/detect-scratch"  # per-shard parts a re-run resumes from
     out: PathStr = "data/regions.parquet"
 
@@ -381,13 +390,6 @@ class Detect(Section):
             raise ValueError("lists a class twice")
         return v
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not _DEVICE.fullmatch(v):
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
-        return v
-
 
 # --- embed: the CLIP embedding cache -----------------------------------------------------------
 
@@ -406,16 +408,9 @@ class Embed(Section):
     max_regions: PositiveInt | None = None
     batch_size: PositiveInt = 64  # crops (and captions) per forward pass
     workers: PositiveInt = 2  # decoding and cropping threads; the output does not depend on it
-    device: str = "auto"  # auto (CUDA with float16 autocast when present), cpu, cuda or cuda:N
+    device: Device = "auto"  # auto (CUDA with float16 autocast when present), cpu, cuda or cuda:N
     scratch: PathStr = "data/embed-scratch"  # per-shard parts a re-run resumes from
     out: PathStr = "data/embeddings"
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not _DEVICE.fullmatch(v):
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
-        return v
 
 
 # --- evaluate: retrieval and zero-shot classification of any CLIP checkpoint ------------------
@@ -435,7 +430,7 @@ class Evaluate(Section):
     prompts: Literal["single", "openai"] = "single"
     batch_size: PositiveInt = 256  # images (and captions) per forward pass
     workers: Count = 2  # image decoding processes (0: in the stage's own); results do not depend on it
-    device: str = "auto"  # auto (CUDA with autocast when present), cpu, cuda or cuda:N
+    device: Device = "auto"  # auto (CUDA with autocast when present), cpu, cuda or cuda:N
 
     @field_validator("datasets")
     @classmethod
@@ -446,24 +441,10 @@ class Evaluate(Section):
             raise ValueError("a data set is named twice")
         return v
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not _DEVICE.fullmatch(v):
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
-        return v
-
 
 # --- train_teacher and distill ------------------------------------------------------------------
 
 PositiveFloat = Annotated[float, Field(gt=0.0)]
-Device = Annotated[str, AfterValidator(lambda v: _check_device(v))]
-
-
-def _check_device(v: str) -> str:
-    if not _DEVICE.fullmatch(v):
-        raise ValueError("must be auto, cpu, cuda or cuda:N")
-    return v
 
 
 class Teacher(Section):

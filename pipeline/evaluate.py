@@ -48,16 +48,6 @@ def prompt_templates(prompts: str) -> tuple:
     raise ValueError(f"prompts must be 'single' or 'openai', got {prompts!r}")
 
 
-def pick_device(name: str) -> torch.device:
-    """auto: the GPU when torch sees one, else the CPU; or cpu, cuda, cuda:N."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
-    return device
-
-
 # --- images from shards ------------------------------------------------------------------------
 
 

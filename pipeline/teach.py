@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,9 +230,6 @@ def load_epoch(model: TeacherWithScale, checkpoints: Path, epoch: int, device) -
     return model.eval()
 
 
-TARGETS_SCHEMA_FIELDS = ("key", "embedding")
-
-
 def targets_schema(dim: int) -> pa.Schema:
     return pa.schema(
         [
@@ -274,7 +270,3 @@ def summary(history: list[dict], reference: dict, use_epoch: int) -> dict:
         "chosen": next((h for h in history if h["epoch"] == use_epoch), None),
         "validation_base_clip": reference,
     }
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True) + "\n"

@@ -55,6 +55,17 @@ def contrastive_batches(pairs: int, batch_size: int) -> int:
     return pairs // batch_size + (pairs % batch_size >= 2)
 
 
+def pick_device(name: str) -> torch.device:
+    """The device a `device` param names: auto (the GPU when torch sees one, else the CPU), cpu,
+    cuda or cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return device
+
+
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if setting == "off" or (setting == "auto" and device.type != "cuda"):
         return None

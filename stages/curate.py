@@ -4,13 +4,13 @@ val and test images kept out; the Karpathy test sets and zero-shot sets as evalu
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from pipeline.captions import clip_token_counter
 from pipeline.config import ParamsError, load_params
 from pipeline.curate import SourcePaths, curate
+from stages.outputs import write_json
 
 METRICS = Path("metrics/curate.json")
 
@@ -35,16 +35,8 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
     start = time.perf_counter()
     metrics = curate(params.curate, paths, root / params.curate.out, count_tokens, max_tokens, progress)
     seconds = time.perf_counter() - start
-    _write_json(root / metrics_file, metrics)
+    write_json(root / metrics_file, metrics)
     pairs = {s: metrics["train"][s]["kept_pairs"] for s in ("coco", "flickr30k", "cc")}
     shards = metrics["train"]["total"]["shards"]
     print(json.dumps({"seconds": round(seconds, 1), "pairs": pairs, "shards": shards}))
     return metrics
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Atomically: a metrics file is never half written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)

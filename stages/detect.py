@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from pipeline.config import ParamsError, load_params
 from pipeline.detect import Settings, detect
 from pipeline.models import detector as yolo
+from stages.outputs import write_json
 
 METRICS = Path("metrics/detect.json")
 
@@ -38,16 +38,8 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
     start = time.perf_counter()
     metrics = detect(shards, root / cfg.out, root / cfg.scratch, model, settings, cfg.workers, progress)
     seconds = time.perf_counter() - start
-    _write_json(root / metrics_file, metrics)
+    write_json(root / metrics_file, metrics)
     summary = {k: metrics[k] for k in ("images", "regions", "rejects")}
     summary.update(seconds=round(seconds, 1), device=str(model.device), half=model.half)
     print(json.dumps(summary))
     return metrics
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Atomically: a metrics file is never half written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,10 +14,10 @@ import torch
 from pipeline import distill
 from pipeline.config import ParamsError, load_params
 from pipeline.detect import file_hash
-from pipeline.evaluate import pick_device
 from pipeline.losses import DistillWeights
 from pipeline.models.clip import create, save_checkpoint
-from pipeline.train import Optimisation
+from pipeline.train import Optimisation, pick_device
+from stages.outputs import log_live, prune_runs, write_json
 
 METRICS = Path("metrics/distill.json")
 LIVE_DIR = Path("metrics/distill")
@@ -94,9 +92,9 @@ def run(params_file: Path, progress: bool = True) -> dict:
         "train_seconds": round(seconds, 1),
         "device": device.type,
     }
-    _write_json(root / METRICS, metrics)
-    _log_live(root / LIVE_DIR, trainer.steps)
-    _prune(root / cfg.scratch, keep=key)
+    write_json(root / METRICS, metrics, sort_keys=True)
+    log_live(root / LIVE_DIR, trainer.steps)
+    prune_runs(root / cfg.scratch, keep=key)
     print(json.dumps({k: v for k, v in metrics.items() if k != "epochs"}))
     return metrics
 
@@ -120,30 +118,3 @@ def run_key(model: str, weights, cfg, opt: Optimisation, inputs: list[Path], dev
         "code": [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in code],
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _log_live(folder: Path, steps: list[dict]) -> None:
-    """Per-step losses for `dvc plots`, from the trainer's record (kept across a resume)."""
-    from dvclive import Live
-
-    shutil.rmtree(folder, ignore_errors=True)
-    with Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        for record in steps:
-            for name, value in record.items():
-                if name not in ("step", "epoch"):
-                    live.log_metric(name, value, plot=True)
-            live.next_step()
-
-
-def _prune(scratch: Path, keep: str) -> None:
-    if scratch.is_dir():
-        for d in scratch.iterdir():
-            if d.is_dir() and d.name != keep:
-                shutil.rmtree(d)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from pipeline.config import ParamsError, load_params
 from pipeline.embed import Settings, embed, load_encoder
+from stages.outputs import write_json
 
 METRICS = Path("metrics/embed.json")
 
@@ -42,16 +42,8 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
         progress,
     )
     seconds = time.perf_counter() - start
-    _write_json(root / metrics_file, metrics)
+    write_json(root / metrics_file, metrics)
     summary = {k: metrics[k] for k in ("pairs", "images", "regions", "rejects")}
     summary.update(seconds=round(seconds, 1), device=str(encoder.device), amp=encoder.amp)
     print(json.dumps(summary))
     return metrics
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Atomically: a metrics file is never half written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

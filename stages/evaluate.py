@@ -14,8 +14,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from pipeline.config import Clip, ParamsError, load_params, looks_like_path
-from pipeline.evaluate import Encoder, curve_rows, evaluate, images_per_second, pick_device
+from pipeline.evaluate import Encoder, curve_rows, evaluate, images_per_second
 from pipeline.models.clip import create
+from pipeline.train import pick_device
+from stages.outputs import write_json
 
 METRICS_DIR = Path("metrics")
 # Where a model's checkpoint is unless --weights says.
@@ -63,7 +65,7 @@ def run(
     result = evaluate(encoder, root / params.curate.out, cfg.datasets, cfg.prompts)
     seconds = time.perf_counter() - start
     out = root / metrics_dir
-    _write_json(out / f"{model}.json", result.metrics)
+    write_json(out / f"{model}.json", result.metrics)
     if result.curves:
         _write_csv(out / "recall" / f"{model}.csv", curve_rows(result.curves))
     summary = {
@@ -76,14 +78,6 @@ def run(
     }
     print(json.dumps(summary))
     return result.metrics
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Atomically: a metrics file is never half written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -18,10 +17,10 @@ import torch
 from pipeline import teach
 from pipeline.config import ParamsError, load_params
 from pipeline.detect import file_hash
-from pipeline.evaluate import pick_device
 from pipeline.models import teacher as teacher_model
 from pipeline.models.teacher import TeacherConfig
-from pipeline.train import Optimisation
+from pipeline.train import Optimisation, pick_device
+from stages.outputs import log_live, prune_runs, write_json
 
 METRICS = Path("metrics/teacher.json")
 LIVE_DIR = Path("metrics/teacher")
@@ -90,9 +89,11 @@ def run(params_file: Path, progress: bool = True) -> dict:
         "train_seconds": round(seconds, 1),
         "device": device.type,
     }
-    _write_json(root / METRICS, metrics)
-    _log_live(root / LIVE_DIR, history, reference)
-    _prune(root / cfg.scratch, keep=key)
+    write_json(root / METRICS, metrics, sort_keys=True)
+    # Per-epoch curves, with the base CLIP reference drawn beside them.
+    reference_curves = {k: v for k, v in reference.items() if k != "pairs"}
+    log_live(root / LIVE_DIR, [{**record, **reference_curves} for record in history])
+    prune_runs(root / cfg.scratch, keep=key)
     print(json.dumps({"targets": n, "chosen": metrics["chosen"], "validation_base_clip": reference}))
     return metrics
 
@@ -122,36 +123,4 @@ def _save_teacher(path: Path, model, model_cfg: TeacherConfig, epoch: int) -> No
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save({"config": asdict(model_cfg), "epoch": epoch, "state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, path)
-
-
-def _log_live(folder: Path, history: list[dict], reference: dict) -> None:
-    """Per-epoch curves for `dvc plots`, written from the history once training is done, so a
-    resumed run logs exactly what an uninterrupted one does."""
-    from dvclive import Live
-
-    shutil.rmtree(folder, ignore_errors=True)
-    with Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        for record in history:
-            for name, value in record.items():
-                if name != "epoch":
-                    live.log_metric(name, value, plot=True)
-            for name, value in reference.items():
-                if name != "pairs":
-                    live.log_metric(name, value, plot=True)
-            live.next_step()
-
-
-def _prune(scratch: Path, keep: str) -> None:
-    """Checkpoints of other runs: a finished run's own stay, for a re-run with a new use_epoch."""
-    if scratch.is_dir():
-        for d in scratch.iterdir():
-            if d.is_dir() and d.name != keep:
-                shutil.rmtree(d)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(teach.dumps(obj))
     os.replace(tmp, path)

@@ -23,11 +23,11 @@ from pipeline.evaluate import (
     SINGLE_PROMPT,
     Encoder,
     evaluate,
-    pick_device,
     prompt_templates,
 )
 from pipeline.models.clip import create
 from pipeline.shards import ShardWriter, read_shard
+from pipeline.train import pick_device
 from stages import curate as curate_stage
 from stages import evaluate as evaluate_stage
 from stages.cli import app

@@ -1,0 +1,39 @@
+"""What every stage does with its outputs: metrics JSON written atomically, DVCLive curves, and
+the scratch folders of earlier runs cleared away."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+
+def write_json(path: Path, obj: dict, sort_keys: bool = False) -> None:
+    """Atomically: a metrics file is never half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+    os.replace(tmp, path)
+
+
+def log_live(folder: Path, records: list[dict], skip: tuple[str, ...] = ("step", "epoch")) -> None:
+    """One DVCLive step per record, every other numeric field a curve for `dvc plots`. Written
+    from a finished run's record, so a resumed run logs exactly what an uninterrupted one does."""
+    from dvclive import Live
+
+    shutil.rmtree(folder, ignore_errors=True)
+    with Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        for record in records:
+            for name, value in record.items():
+                if name not in skip:
+                    live.log_metric(name, value, plot=True)
+            live.next_step()
+
+
+def prune_runs(scratch: Path, keep: str) -> None:
+    """Remove the checkpoint folders of other runs; the finished run's own stay."""
+    if scratch.is_dir():
+        for d in scratch.iterdir():
+            if d.is_dir() and d.name != keep:
+                shutil.rmtree(d)
