@@ -137,6 +137,16 @@ def _base_dir(info: ValidationInfo) -> Path:
     return Path((info.context or {}).get("base_dir", "."))
 
 
+def _path(v: str) -> str:
+    if not v.strip() or "\0" in v:
+        raise ValueError("must be a non-empty path")
+    return v
+
+
+# A path, relative to the params file's folder (the repository root) unless absolute.
+PathStr = Annotated[str, AfterValidator(_path)]
+
+
 @functools.cache
 def _open_clip_models() -> frozenset[str]:
     from pipeline.models.clip import available_models
@@ -151,6 +161,8 @@ class Clip(Section):
     # An open_clip pretrained tag (e.g. "openai", fetched by open_clip when online), a path to a
     # checkpoint file, or "none": the real architecture, randomly initialised.
     pretrained: str = "none"
+    # Where the weights stage writes those weights as a file; what every later stage loads.
+    checkpoint: PathStr = "data/weights/clip.pt"
 
     @field_validator("model")
     @classmethod
@@ -169,6 +181,16 @@ class Clip(Section):
             import open_clip
 
             if v in open_clip.list_pretrained_tags_by_model(model):
+                # open_clip only warns when the activation differs from the one the weights were
+                # trained with; OpenAI's weights under "ViT-B-32" would quietly lose accuracy.
+                tag_quick = open_clip.get_pretrained_cfg(model, v).get("quick_gelu", False)
+                model_quick = open_clip.get_model_config(model).get("quick_gelu", False)
+                if tag_quick != model_quick:
+                    hint = f"{model}-quickgelu" if tag_quick else model.removesuffix("-quickgelu")
+                    raise ValueError(
+                        f"the {v!r} weights were trained with quick_gelu={tag_quick} but {model!r} "
+                        f"uses quick_gelu={model_quick}; use clip.model: {hint}"
+                    )
                 return v
         if looks_like_path(v) and not (_base_dir(info) / v).is_file():
             raise ValueError(f"weights file {v!r} does not exist")
@@ -203,6 +225,8 @@ class Detector(Section):
     # A checkpoint path, an ultralytics release name (e.g. "yolov8x.pt", fetched when online),
     # or "none": the architecture in `model`, randomly initialised.
     weights: str = "none"
+    # Where the weights stage writes those weights as a file; what the detect stage loads.
+    checkpoint: PathStr = "data/weights/detector.pt"
 
     @field_validator("model")
     @classmethod
@@ -226,14 +250,6 @@ class Detector(Section):
 # --- curate: training pairs, the leakage guard, evaluation sets -------------------------------
 
 
-def _path(v: str) -> str:
-    if not v.strip() or "\0" in v:
-        raise ValueError("must be a non-empty path")
-    return v
-
-
-# A path, relative to the params file's folder (the repository root) unless absolute.
-PathStr = Annotated[str, AfterValidator(_path)]
 JpegQuality = Annotated[int, Field(ge=1, le=100, strict=True)]
 
 

@@ -22,7 +22,12 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
     if not train.is_dir():
         raise ParamsError(f"{params_file}: curate.out: {train} does not exist; run the curate stage first")
     shards = sorted(train.glob("*.tar"))
-    model = yolo.load(params.detector.model, params.detector.weights, cfg.imgsz, cfg.device, root)
+    checkpoint = root / params.detector.checkpoint
+    if not checkpoint.is_file():
+        raise ParamsError(
+            f"{params_file}: detector.checkpoint: {checkpoint} does not exist; run the weights stage first"
+        )
+    model = yolo.load(params.detector.model, str(checkpoint), cfg.imgsz, cfg.device)
     try:
         classes = model.class_ids(cfg.classes)
     except ValueError as err:

@@ -38,9 +38,12 @@ def run(params_file: Path, progress: bool = True) -> dict:
         device = pick_device(cfg.device)
     except ValueError as err:
         raise ParamsError(f"{params_file}: distill.device: {err}") from None
-    pretrained = params.clip.pretrained
-    weights_path = root / pretrained if pretrained != "none" and (root / pretrained).is_file() else None
-    model, preprocess, _ = create(params.clip.model, str(weights_path or pretrained), device)
+    weights_path = root / params.clip.checkpoint
+    if not weights_path.is_file():
+        raise ParamsError(
+            f"{params_file}: clip.checkpoint: {weights_path} does not exist; run the weights stage first"
+        )
+    model, preprocess, _ = create(params.clip.model, str(weights_path), device)
     model.float()
     try:
         from pipeline.models.student import trainable_names
@@ -63,7 +66,7 @@ def run(params_file: Path, progress: bool = True) -> dict:
     inputs = [*shards, embeddings / "captions.parquet", targets_file]
     if cfg.lambda_anchor > 0:
         inputs.append(embeddings / "images.parquet")
-    key = run_key(params.clip.model, weights_path or pretrained, cfg, opt, inputs, device)
+    key = run_key(params.clip.model, weights_path, cfg, opt, inputs, device)
     start = time.perf_counter()
     model, trainer, text_hash = distill.train_student(
         model,

@@ -22,13 +22,13 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
     for path, stage in ((train, "curate"), (manifest, "curate"), (regions, "detect")):
         if not path.exists():
             raise ParamsError(f"{params_file}: {path} does not exist; run the {stage} stage first")
-    encoder = load_encoder(params.clip.model, params.clip.pretrained, cfg.device, root)
-    settings = Settings(
-        context_margin=cfg.context_margin,
-        weights=cfg.weights,
-        max_regions=cfg.max_regions,
-        batch_size=cfg.batch_size,
-    )
+    checkpoint = root / params.clip.checkpoint
+    if not checkpoint.is_file():
+        raise ParamsError(
+            f"{params_file}: clip.checkpoint: {checkpoint} does not exist; run the weights stage first"
+        )
+    encoder = load_encoder(params.clip.model, str(checkpoint), cfg.device)
+    settings = embed_settings(cfg)
     start = time.perf_counter()
     metrics = embed(
         sorted(train.glob("*.tar")),
@@ -47,3 +47,13 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
     summary.update(seconds=round(seconds, 1), device=str(encoder.device), amp=encoder.amp)
     print(json.dumps(summary))
     return metrics
+
+
+def embed_settings(cfg) -> Settings:
+    """The embed computation's settings from the `embed` params section."""
+    return Settings(
+        context_margin=cfg.context_margin,
+        weights=cfg.weights,
+        max_regions=cfg.max_regions,
+        batch_size=cfg.batch_size,
+    )

@@ -21,7 +21,7 @@ from stages.outputs import write_json
 
 METRICS_DIR = Path("metrics")
 # Where a model's checkpoint is unless --weights says.
-DEFAULT_WEIGHTS = {"base": lambda p: p.clip.pretrained, "student": lambda p: p.distill.out}
+DEFAULT_WEIGHTS = {"base": lambda p: p.clip.checkpoint, "student": lambda p: p.distill.out}
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 

@@ -68,6 +68,8 @@ def test_empty_file_takes_every_default(tmp_path):
         (("clip", "pretrained"), "weights/missing.pt", "clip.pretrained: weights file 'weights/missing.pt' does not exist"),
         (("clip", "pretrained"), "laion9000", "clip.pretrained: 'laion9000' is neither 'none', an open_clip tag for DCLIP-Demo-S16, nor a file"),
         (("detector", "model"), "yolov8q.yaml", "detector.model: unknown ultralytics model config 'yolov8q.yaml'"),
+        (("clip", "checkpoint"), "", "clip.checkpoint: must be a non-empty path (value '')"),
+        (("detector", "checkpoint"), " ", "detector.checkpoint: must be a non-empty path (value ' ')"),
         (("detector", "weights"), "nowhere/yolo.pt", "detector.weights: weights file 'nowhere/yolo.pt' does not exist"),
         (("curate", "mix", "cc"), -1, "curate.mix.cc: Input should be greater than or equal to 0 (value -1)"),
         (("curate", "mix", "coco"), "42000", "curate.mix.coco: Input should be a valid integer (value '42000')"),
@@ -118,9 +120,21 @@ def test_known_tags_and_existing_files_are_accepted(tmp_path):
     raw["detector"] = {"model": "yolov8n.yaml", "weights": "w/yolo.pt"}
     params = parse_params(raw, base_dir=tmp_path)
     assert params.clip.pretrained == "w/clip.pt"
-    raw["clip"]["pretrained"] = "openai"
+    raw["clip"]["pretrained"] = "laion2b_s34b_b79k"
     raw["detector"]["weights"] = "yolov8x.pt"
     assert parse_params(copy.deepcopy(raw), base_dir=tmp_path).detector.weights == "yolov8x.pt"
+    raw["clip"] = {"model": "ViT-B-32-quickgelu", "pretrained": "openai"}
+    assert parse_params(copy.deepcopy(raw), base_dir=tmp_path).clip.checkpoint == "data/weights/clip.pt"
+
+
+def test_openai_weights_need_the_quickgelu_architecture():
+    # OpenAI trained with QuickGELU; open_clip's plain ViT-B-32 uses GELU and only warns.
+    raw = default_raw()
+    raw["clip"] = {"model": "ViT-B-32", "pretrained": "openai"}
+    assert (
+        "clip.pretrained: the 'openai' weights were trained with quick_gelu=True but 'ViT-B-32' uses "
+        "quick_gelu=False; use clip.model: ViT-B-32-quickgelu" in refused(raw)
+    )
 
 
 def test_not_yaml_and_not_a_mapping(tmp_path):

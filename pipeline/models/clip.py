@@ -35,10 +35,22 @@ def save_checkpoint(net: torch.nn.Module, path: Path, half: bool = True) -> None
     """A state dict that `open_clip.create_model_and_transforms(name, pretrained=path)` loads;
     float16 storage halves the file and loads into a float32 model unchanged in use."""
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in net.state_dict().items()}
+    atomic_torch_save({"state_dict": state}, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to `path` through a temporary file. Saved through a buffer, so the bytes do not
+    depend on the file's name (torch names the archive's folder after it): the same object gives
+    the same file, and DVC the same hash."""
+    import io
+    import os
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"state_dict": state}, tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(buf.getbuffer())
+    os.replace(tmp, path)
 
 
 def encode_tokens(

@@ -11,6 +11,7 @@ square, which moves a box by a fraction of a pixel).
 from __future__ import annotations
 
 import hashlib
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,12 +130,28 @@ class Detector:
         )
 
 
+def prepare_ultralytics() -> None:
+    """Make ultralytics' trainer quiet and offline. It wants Arial.ttf in its config folder and
+    tries to download it otherwise (matplotlib ships DejaVu Sans, which serves); and with dvclive
+    installed its DVC callback would turn the run into a DVC experiment of this repository. The
+    logger integrations are switched off in ultralytics' settings, its documented way."""
+    import matplotlib
+    from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
+
+    integrations = ("clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
+    if any(SETTINGS.get(k) for k in integrations):
+        SETTINGS.update({k: False for k in integrations})
+
+    target = Path(USER_CONFIG_DIR) / "Arial.ttf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf", target)
+
+
 def load(model: str, weights: str, imgsz: int, device: str = "auto", base_dir: Path | str = ".") -> Detector:
     """A Detector from params: `weights` a checkpoint path (relative to base_dir), an ultralytics
     release name (downloaded by ultralytics when online), or "none" for the architecture in
     `model`, randomly initialised from a fixed seed (the same weights every run)."""
-    from pipeline.demo_models import prepare_ultralytics
-
     prepare_ultralytics()
     from ultralytics import YOLO
     from ultralytics.data.augment import LetterBox

@@ -1,0 +1,106 @@
+"""The base models' weights as local files: what `clip.pretrained` and `detector.weights` name (a
+local checkpoint, an open_clip tag or an ultralytics release, or "none") becomes one checkpoint
+file each, which every later stage loads. As files they are DVC outputs: hashed, cached, pushed to
+a remote, so a colleague without internet pulls them instead of downloading them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be had or loaded; the message names the params key."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _install(src: Path, out: Path) -> None:
+    """Copy to `out` atomically (a killed run never leaves a half file that looks whole)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, out)
+
+
+def _summary(source: str, kind: str, out: Path) -> dict:
+    return {
+        "source": source,
+        "kind": kind,
+        "file": str(out),
+        "sha256": _sha256(out),
+        "bytes": out.stat().st_size,
+    }
+
+
+def fetch_clip(model: str, pretrained: str, out: Path, base_dir: Path | str = ".") -> dict:
+    """Write the CLIP checkpoint of `model` that `pretrained` names to `out`, in a form that
+    `open_clip.create_model_and_transforms(model, pretrained=out)` loads, and check that it does.
+
+    A local file is copied byte for byte; an open_clip tag is downloaded by open_clip (online, once)
+    and saved as a float32 state dict; "none" is the architecture randomly initialised from seed 0,
+    the same bytes every run."""
+    from pipeline.models.clip import create, save_checkpoint
+
+    path = Path(base_dir) / pretrained
+    kind = "none" if pretrained == "none" else "file" if path.is_file() else "open_clip tag"
+    try:
+        if kind == "file":
+            create(model, str(path))  # loads: the architecture and the file agree
+            _install(path, out)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                net, _, _ = create(model, pretrained)
+            save_checkpoint(net, out, half=False)
+            create(model, str(out))
+    except Exception as err:  # open_clip raises RuntimeError, FileNotFoundError, HTTP errors, ...
+        raise WeightsError(f"clip.pretrained: cannot load {pretrained!r} for {model!r}: {err}") from None
+    return _summary(pretrained, kind, out)
+
+
+def fetch_detector(model: str, weights: str, out: Path, base_dir: Path | str = ".") -> dict:
+    """Write the YOLO checkpoint that `weights` names to `out`, loadable by `YOLO(out)`.
+
+    A local file is copied byte for byte; an ultralytics release name (e.g. yolov8x.pt) is
+    downloaded by ultralytics (online, once); "none" is the architecture `model` randomly
+    initialised from seed 0, saved without a date so that the bytes are the same every run."""
+    from pipeline.models.clip import atomic_torch_save
+    from pipeline.models.detector import prepare_ultralytics
+
+    prepare_ultralytics()
+    from ultralytics import YOLO
+    from ultralytics.utils.downloads import attempt_download_asset
+
+    path = Path(base_dir) / weights
+    kind = "none" if weights == "none" else "file" if path.is_file() else "ultralytics release"
+    try:
+        if kind == "file":
+            _install(path, out)
+        elif kind == "ultralytics release":
+            with tempfile.TemporaryDirectory() as tmp:
+                _install(Path(attempt_download_asset(Path(tmp) / weights)), out)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                yolo = YOLO(model)
+            atomic_torch_save({"model": yolo.model.half(), "train_args": {}, "date": None}, out)
+        task = YOLO(str(out)).task
+    except Exception as err:  # ultralytics raises ConnectionError, FileNotFoundError, ...
+        out.unlink(missing_ok=True)
+        raise WeightsError(f"detector.weights: cannot load {weights!r} (model {model!r}): {err}") from None
+    if task != "detect":
+        out.unlink()
+        raise WeightsError(f"detector.weights: {weights!r} is a {task!r} model, not a detector")
+    return _summary(weights, kind, out)
