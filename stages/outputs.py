@@ -29,6 +29,9 @@ def log_live(folder: Path, records: list[dict], skip: tuple[str, ...] = ("step",
                 if name not in skip:
                     live.log_metric(name, value, plot=True)
             live.next_step()
+    # DVCLive's summary repeats the stage's own metrics file; left undeclared in dvc.yaml, it would
+    # go stale when DVC restores the stage from its run-cache.
+    (folder / "metrics.json").unlink(missing_ok=True)
 
 
 def prune_runs(scratch: Path, keep: str) -> None:

@@ -4,10 +4,16 @@ and for every subprocess it starts."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["YOLO_OFFLINE"] = "1"
@@ -50,3 +56,85 @@ def tiny_world(tiny_world_cfg, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world") / "raw"
     generate_world(tiny_world_cfg, out, progress=False)
     return out
+
+
+# --- a real DVC project on the tiny world --------------------------------------------------------
+
+# What a clone carries that the pipeline needs: its definition and the code its stages depend on.
+PROJECT_FILES = [
+    ".gitignore",
+    "dvc.yaml",
+    "demo/dvc.yaml",
+    "demo/weights",
+    ".dvcignore",
+    "pipeline",
+    "stages",
+]
+# Small enough for the tiny world: each source fills its count.
+CURATE_MIX = {"coco": 10, "flickr30k": 6, "cc": 6}
+
+
+def sh(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
+    """Run a command with this environment's tools first on PATH; fail the test on a non-zero exit."""
+    env = {**os.environ, **(env or {})}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def make_pipeline_repo(root: Path) -> Path:
+    """A fresh git + DVC repository holding the project's pipeline, with params for the tiny world
+    and a few quick epochs (the tests are about the wiring, not the numbers), committed."""
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / name)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["world"] = {**TINY_WORLD, "out": params["world"]["out"]}
+    params["curate"].update(mix=CURATE_MIX, shard_size=8)
+    params["teacher"].update(epochs=2, use_epoch=1, batch_size=8, heads=4, val_fraction=0.2, warmup_steps=1)
+    params["distill"].update(epochs=1, batch_size=8, warmup_steps=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], root)
+    sh(["git", "config", "user.email", "ci@dclip.invalid"], root)
+    sh(["git", "config", "user.name", "dclip tests"], root)
+    sh(["dvc", "init", "-q"], root)
+    sh(["dvc", "config", "core.analytics", "false"], root)
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-qm", "pipeline"], root)
+    return root
+
+
+@dataclass
+class Reproduced:
+    root: Path
+    first: str  # what the first `dvc repro` printed
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> Reproduced:
+    """The tiny-world project after one whole `dvc repro`, its lock files committed. Shared by the
+    end-to-end tests to keep the suite short: a test that edits it puts it back with `restore`."""
+    root = make_pipeline_repo(tmp_path_factory.mktemp("clone"))
+    first = sh(["dvc", "repro"], root)
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-qm", "reproduced"], root)
+    return Reproduced(root, first)
+
+
+# Stages whose outputs are metrics kept in git (cache: false): DVC's run-cache cannot bring them
+# back, so they run again (seconds on the tiny world).
+UNCACHED_STAGES = {"evaluate@base", "evaluate@student", "report"}
+
+
+def restore(root: Path) -> None:
+    """Back to the committed params; DVC's run-cache brings back the cached outputs without
+    running their stages."""
+    sh(["git", "checkout", "--", "params.yaml"], root)
+    out = sh(["dvc", "repro"], root)
+    assert set(re.findall(r"Running stage '([^']+)'", out)) <= UNCACHED_STAGES, out
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], root)
