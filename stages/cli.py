@@ -16,6 +16,10 @@ params_app = typer.Typer(help="Inspect and validate params files.", no_args_is_h
 demo_app = typer.Typer(help="The offline demo: its world and its small models.", no_args_is_help=True)
 app.add_typer(params_app, name="params")
 app.add_typer(demo_app, name="demo")
+config_app = typer.Typer(help="Paper recipes: params.yaml from a file in configs/.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+ablations_app = typer.Typer(help="The paper's ablations (Table 4) as DVC experiments.", no_args_is_help=True)
+app.add_typer(ablations_app, name="ablations")
 
 ParamsFile = Annotated[Path, typer.Option("--params", "-p", help="The params file to read.")]
 
@@ -41,6 +45,18 @@ def params_check(file: Annotated[Path, typer.Argument(help="Params file.")] = Pa
 def world(params: ParamsFile = Path("params.yaml")) -> None:
     """Stage `world`: generate the demo world's raw datasets in their real formats."""
     from stages import world as stage
+
+    try:
+        stage.run(params)
+    except ParamsError as err:
+        _fail(str(err))
+
+
+@app.command()
+def weights(params: ParamsFile = Path("params.yaml")) -> None:
+    """Stage `weights`: the CLIP and detector weights that params name (a local file, an open_clip
+    tag or ultralytics release, or none) as clip.checkpoint and detector.checkpoint."""
+    from stages import weights as stage
 
     try:
         stage.run(params)
@@ -141,7 +157,7 @@ def evaluate(
     ),
     weights: Annotated[
         str | None,
-        typer.Option(help="Its checkpoint (a path or open_clip tag); default: clip.pretrained for base."),
+        typer.Option(help="Its checkpoint (a path or open_clip tag); default: clip.checkpoint for base."),
     ] = None,
     params: ParamsFile = Path("params.yaml"),
     metrics_dir: Annotated[Path, typer.Option(help="Where <model>.json and recall/<model>.csv go.")] = Path(
@@ -162,17 +178,66 @@ def evaluate(
 
 @app.command()
 def report(
-    models: Annotated[list[str], typer.Argument(help="Models to compare; the first is the reference.")],
-    metrics_dir: Annotated[Path, typer.Option(help="Where the models' <model>.json are.")] = Path("metrics"),
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(help="Models to compare; the first is the reference. With --ablations: the variants."),
+    ] = None,
+    metrics_dir: Annotated[
+        Path, typer.Option(help="Where the models' <model>.json are (--ablations: where its table goes).")
+    ] = Path("metrics"),
+    ablations: Annotated[
+        bool, typer.Option("--ablations", help="The ablations' Table 4 (from `dvc exp show`) instead.")
+    ] = False,
 ) -> None:
     """Stage `report`: evaluated models side by side against the first (absolute and relative
-    gains, zero-shot retention) as metrics/report.json and metrics/report.md."""
+    gains, zero-shot retention) as metrics/report.json and metrics/report.md. With --ablations:
+    the paper's Table 4 from the workspace and its ablation experiments, missing ones named."""
     from stages import report as stage
 
+    if ablations:
+        from stages import ablations as ablations_stage
+
+        try:
+            ablations_stage.report(models, metrics_dir)
+        except (ablations_stage.AblationError, ValueError) as err:
+            _fail(str(err), code=1)
+        return
+    if not models:
+        _fail("name at least one model (or use --ablations)")
     try:
         stage.run(models, metrics_dir)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err), code=1)
+
+
+@ablations_app.command("run")
+def ablations_run(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Ablations to run (default: all); `dclip ablations list`.")
+    ] = None,
+    skip_existing: Annotated[
+        bool, typer.Option(help="Keep an experiment already made for this commit instead of re-running it.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the `dvc exp run` commands only.")] = False,
+) -> None:
+    """Run ablations as DVC experiments (`dvc exp run --temp -n NAME -S …`, one after another;
+    the workspace is untouched); then `dvc exp show` and `dclip report --ablations`."""
+    from stages import ablations as stage
+
+    try:
+        stage.run(names, skip_existing=skip_existing, dry_run=dry_run)
+    except ValueError as err:
+        _fail(str(err))
+    except stage.AblationError as err:
+        _fail(str(err), code=1)
+
+
+@ablations_app.command("list")
+def ablations_list() -> None:
+    """Every ablation: its row of Table 4, its params overrides and its command."""
+    from stages import ablations as stage
+
+    typer.echo(stage.describe())
 
 
 @demo_app.command("train-models")
@@ -217,6 +282,42 @@ def train_models(
         )
     except ParamsError as err:
         _fail(str(err))
+
+
+@config_app.command("list")
+def config_list(params: ParamsFile = Path("params.yaml")) -> None:
+    """The recipes in configs/ (whole params files); `*` marks the one params.yaml is now."""
+    from stages import recipes
+
+    current = params.read_bytes() if params.is_file() else None
+    for recipe in recipes.available(params):
+        mark = "*" if recipe.path.read_bytes() == current else " "
+        typer.echo(f"{mark} {recipe.name:<20} {recipe.title}")
+
+
+@config_app.command("use")
+def config_use(
+    name: Annotated[str, typer.Argument(help="A recipe in configs/, e.g. paper-vit-b32.")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite uncommitted edits to params.")] = False,
+    params: ParamsFile = Path("params.yaml"),
+) -> None:
+    """Validate configs/NAME.yaml and copy it over params.yaml.
+
+    Refused if params.yaml has uncommitted changes, unless --force; `git checkout params.yaml`
+    brings the demo back."""
+    from stages import recipes
+
+    try:
+        recipe = recipes.use(name, params, force)
+    except recipes.UncommittedError as err:
+        _fail(str(err), code=1)
+    except recipes.RecipeError as err:
+        _fail(str(err))
+    typer.echo(
+        f"{params} is now {recipe.path.relative_to(params.parent)} ({recipe.name}).\n"
+        f"Run the study with `dvc repro dvc.yaml` (the demo world is not part of it);\n"
+        f"`git checkout {params.name}` brings the demo params back."
+    )
 
 
 def main() -> None:  # pragma: no cover - the console script
