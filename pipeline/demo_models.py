@@ -13,7 +13,6 @@ import io
 import json
 import math
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+from pipeline.models.detector import prepare_ultralytics
 
 CLIP_MODEL = "DCLIP-Demo-S16"
 ZERO_SHOT_PROMPT = "This is a photo of a {}"  # the paper's single prompt
@@ -70,19 +71,20 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
 
 
 def colour_groups(captions: list[list[str]]) -> dict[str, np.ndarray]:
-    """For every colour of the world, the indices of the images whose captions name it."""
+    """For every colour of the world, the indices of the images whose captions name that colour and
+    no other: within such a group colour tells nothing, only shape, count, size and place do."""
     from pipeline.world.scene import COLOURS
 
-    words = [set(re.findall(r"[a-z]+", " ".join(caps).lower())) for caps in captions]
-    groups = {c: np.array([i for i, w in enumerate(words) if c in w], dtype=np.int64) for c in COLOURS}
+    named = [set(re.findall(r"[a-z]+", " ".join(caps).lower())) & set(COLOURS) for caps in captions]
+    groups = {c: np.array([i for i, n in enumerate(named) if n == {c}], dtype=np.int64) for c in COLOURS}
     return {c: g for c, g in groups.items() if len(g)}
 
 
 def batch_indices(
     order: torch.Tensor, b: int, size: int, hard: int, groups: dict[str, np.ndarray], gen: torch.Generator
 ) -> torch.Tensor:
-    """Batch b: `size - hard` images from the epoch's permutation plus `hard` images that all share
-    one colour (drawn at random), without repeats.
+    """Batch b: `size - hard` images from the epoch's permutation plus `hard` images of one colour
+    group (drawn at random), without repeats.
 
     Hard negatives on purpose: in a random batch the colours of a scene single it out almost
     always, so a contrastive model learns colours and stays blind to shape (measured: shape at
@@ -271,24 +273,6 @@ def class_images(cfg, preprocess, per_class: int, offset: int):
 
 
 # --- YOLO ------------------------------------------------------------------------------------
-
-
-def prepare_ultralytics() -> None:
-    """Make ultralytics' trainer quiet and offline. It wants Arial.ttf in its config folder and
-    tries to download it otherwise (matplotlib ships DejaVu Sans, which serves); and with dvclive
-    installed its DVC callback would turn the run into a DVC experiment of this repository. The
-    logger integrations are switched off in ultralytics' settings, its documented way."""
-    import matplotlib
-    from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
-
-    integrations = ("clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
-    if any(SETTINGS.get(k) for k in integrations):
-        SETTINGS.update({k: False for k in integrations})
-
-    target = Path(USER_CONFIG_DIR) / "Arial.ttf"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf", target)
 
 
 def train_yolo(
