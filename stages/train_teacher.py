@@ -45,25 +45,7 @@ def run(params_file: Path, progress: bool = True) -> dict:
         device = pick_device(cfg.device)
     except ValueError as err:
         raise ParamsError(f"{params_file}: teacher.device: {err}") from None
-    model_cfg = TeacherConfig(
-        dim=dim,
-        heads=cfg.heads,
-        dropout=cfg.dropout,
-        attention=cfg.attention,
-        regions=cfg.regions,
-        region_weights=cfg.region_weights,
-        pool_temperature=cfg.pool_temperature,
-        aggregation_clusters=cfg.aggregation_clusters,
-    )
-    opt = Optimisation(
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps,
-        grad_clip=cfg.grad_clip,
-        optimizer="adam",
-        seed=cfg.seed,
-    )
+    model_cfg, opt = configs(cfg, dim)
     data = teach.Data(shards, cfg.batch_size, cfg.val_fraction, cfg.seed)
     key = run_key(model_cfg, opt, data, cfg.temperature, cfg.learnable_temperature, device)
     checkpoints = root / cfg.scratch / key
@@ -96,6 +78,30 @@ def run(params_file: Path, progress: bool = True) -> dict:
     prune_runs(root / cfg.scratch, keep=key)
     print(json.dumps({"targets": n, "chosen": metrics["chosen"], "validation_base_clip": reference}))
     return metrics
+
+
+def configs(cfg, dim: int) -> tuple[TeacherConfig, Optimisation]:
+    """The teacher's architecture and optimisation from the `teacher` params section."""
+    model_cfg = TeacherConfig(
+        dim=dim,
+        heads=cfg.heads,
+        dropout=cfg.dropout,
+        attention=cfg.attention,
+        regions=cfg.regions,
+        region_weights=cfg.region_weights,
+        pool_temperature=cfg.pool_temperature,
+        aggregation_clusters=cfg.aggregation_clusters,
+    )
+    opt = Optimisation(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        grad_clip=cfg.grad_clip,
+        optimizer="adam",
+        seed=cfg.seed,
+    )
+    return model_cfg, opt
 
 
 def run_key(model_cfg, opt, data: teach.Data, temperature: float, learnable: bool, device) -> str:

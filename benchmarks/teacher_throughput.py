@@ -1,0 +1,90 @@
+"""Teacher training cost against the embed stage that feeds it, measured in one run.
+
+Run from the repository root after `dvc repro detect` (it reads the demo's curated shards and
+detect regions):
+
+    python benchmarks/teacher_throughput.py [--params params.yaml] [--epochs 3] [--threads 0]
+
+1. The embed stage, fresh: `pipeline.embed.embed` on every curated training shard into an empty
+   scratch folder (model loading excluded), with the params' embed settings.
+2. The teacher on the teacher shards that run just wrote: `pipeline.teach.train_teacher` with the
+   params' teacher settings for --epochs epochs; each epoch's time is taken from the end of the
+   previous one, so it covers the training steps, the validation pass and the checkpoint.
+
+Prints the embed time, each epoch's time, training pairs/s, and
+ratio = median teacher epoch time ÷ embed stage time (the goal: ≤ 0.05, so that an ablation that
+retrains the teacher costs a small fraction of the cache it reuses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from pipeline import teach
+from pipeline.config import load_params
+from pipeline.embed import embed, load_encoder
+from stages.embed import embed_settings
+from stages.train_teacher import configs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    params = load_params(args.params)
+    root = args.params.parent
+    curated = root / params.curate.out
+    shards = sorted((curated / "train").glob("*.tar"))
+    regions = root / params.detect.out
+    if not shards or not regions.exists():
+        raise SystemExit(f"no curated shards in {curated / 'train'} or no {regions}: run `dvc repro detect`")
+    encoder = load_encoder(params.clip.model, params.clip.pretrained, params.embed.device, root)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        cache = embed(
+            shards, curated / "train.parquet", regions, tmp / "embeddings", tmp / "embed-scratch",
+            encoder, embed_settings(params.embed), params.embed.workers, False,
+        )  # fmt: skip
+        embed_seconds = time.perf_counter() - start
+        del encoder
+
+        cfg = params.teacher
+        teacher_shards = tuple(sorted((tmp / "embeddings" / "teacher").glob("*.tar")))
+        dim = int(next(teach.read_pairs(teacher_shards[0])).caption.shape[-1])
+        model_cfg, opt = configs(cfg, dim)
+        opt = replace(opt, epochs=args.epochs)
+        data = teach.Data(teacher_shards, cfg.batch_size, cfg.val_fraction, cfg.seed)
+        marks = [time.perf_counter()]
+        teach.train_teacher(
+            model_cfg, opt, data, cfg.temperature, cfg.learnable_temperature, tmp / "checkpoints",
+            torch.device("cpu"), on_epoch_end=lambda e, r: marks.append(time.perf_counter()),
+            progress=False,
+        )  # fmt: skip
+        n_train = teach.count_training_pairs(data)
+
+    epochs = [b - a for a, b in zip(marks, marks[1:])]
+    epoch = statistics.median(epochs)
+    print(f"threads {torch.get_num_threads()}, model {params.clip.model}, pairs {cache['pairs']}")
+    print(f"embed stage   {embed_seconds:8.1f} s  ({cache['pairs'] / embed_seconds:.1f} pairs/s, "
+          f"{cache['regions']} regions)")  # fmt: skip
+    print(f"teacher epoch {epoch:8.2f} s  (median of {', '.join(f'{e:.2f}' for e in epochs)})")
+    print(f"              {n_train / epoch:8.0f} training pairs/s ({n_train} training pairs, "
+          f"batch {cfg.batch_size}, validation included)")  # fmt: skip
+    print(f"ratio         {epoch / embed_seconds:8.3f}  (teacher epoch ÷ embed stage; goal ≤ 0.05)")
+
+
+if __name__ == "__main__":
+    main()
