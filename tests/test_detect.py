@@ -360,6 +360,7 @@ def test_default_detect_params():
 def stage_repo(tmp_path: Path, demo_images, **detect) -> Path:
     raw = raw_params(scratch="scratch", out="data/regions.parquet", **detect)
     raw["detector"]["weights"] = str(WEIGHTS)
+    raw["detector"]["checkpoint"] = str(WEIGHTS)  # what the weights stage would have written
     raw["clip"]["pretrained"] = str(REPO / raw["clip"]["pretrained"])
     raw["curate"]["out"] = "curated"
     write_shard(tmp_path / "curated" / "train", [(k, {"jpg": b}) for k, b in demo_images[:4]])

@@ -504,6 +504,7 @@ def test_stage_writes_embeddings_and_metrics(dataset, tmp_path):
     shards, manifest, regions_table = dataset
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["clip"]["pretrained"] = str(DEMO_WEIGHTS)
+    raw["clip"]["checkpoint"] = str(DEMO_WEIGHTS)  # what the weights stage would have written
     raw["detector"]["weights"] = "none"
     raw["curate"]["out"] = str(manifest.parent)
     raw["detect"]["out"] = str(regions_table)

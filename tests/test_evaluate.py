@@ -30,6 +30,7 @@ from pipeline.shards import ShardWriter, read_shard
 from pipeline.train import pick_device
 from stages import curate as curate_stage
 from stages import evaluate as evaluate_stage
+from stages import weights as weights_stage
 from stages.cli import app
 
 from .conftest import REPO
@@ -50,6 +51,7 @@ def project(tiny_world, tmp_path_factory) -> Path:
     params["evaluate"].update(batch_size=16, workers=0)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     curate_stage.run(root / "params.yaml", progress=False)
+    weights_stage.run(root / "params.yaml")  # data/weights/clip.pt, the base model evaluate loads
     return root
 
 
@@ -241,7 +243,7 @@ def test_shards_and_manifest_must_agree(project, demo_clip, tmp_path):
 def test_stage_writes_metrics_and_curves_then_the_report(project, capsys):
     metrics = evaluate_stage.run(project / "params.yaml", "base", progress=False)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["model"] == "base" and summary["weights"] == "demo/weights/clip-DCLIP-Demo-S16.pt"
+    assert summary["model"] == "base" and summary["weights"] == "data/weights/clip.pt"
     assert summary["images_per_second"] > 0
     written = json.loads((project / "metrics" / "base.json").read_text())
     assert written == metrics and set(written) == {"retrieval", "zeroshot", "probe"}
