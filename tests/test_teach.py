@@ -162,3 +162,24 @@ def test_targets_cover_every_pair_keyed_and_normalised(cache, tmp_path):
         teach.load_epoch(model, tmp_path / "ckpt", 9, "cpu")
     # A frozen temperature stays at its value.
     assert model.scale().item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_the_memory_cache_reads_each_shard_once_and_changes_nothing(cache, tmp_path, monkeypatch):
+    shards, keys = cache
+    cfg, opt = settings(epochs=2)
+    reads = []
+    real = teach.read_pairs
+    monkeypatch.setattr(teach, "read_pairs", lambda s: reads.append(s) or real(s))
+    results = {}
+    for name, budget in (("memory", 1 << 30), ("stream", 0)):
+        reads.clear()
+        d = teach.Data(tuple(shards), 8, 0.2, 0, memory_cache_bytes=budget)
+        model, history, _ = teach.train_teacher(
+            cfg, opt, d, 0.07, False, tmp_path / name, torch.device("cpu"), progress=False
+        )
+        teach.write_targets(model, d, tmp_path / f"{name}.parquet", "cpu", D)
+        results[name] = (history, (tmp_path / f"{name}.parquet").read_bytes(), len(reads))
+    # In memory: each shard read once; streamed: once per epoch, validation and targets.
+    assert results["memory"][2] == len(shards) < results["stream"][2]
+    assert results["memory"][0] == results["stream"][0]
+    assert results["memory"][1] == results["stream"][1]
