@@ -9,7 +9,8 @@ skipping work.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,21 @@ def to_table(rows_or_table: pa.Table | Iterable[Mapping[str, Any]], schema: pa.S
     return table
 
 
+@contextmanager
+def atomic_file(path: Path | str) -> Iterator[Path]:
+    """A temporary path beside `path` to write; it replaces `path` when the block ends and is
+    removed if the block fails, so a crash never leaves a half file that looks whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_table(
     path: Path | str, rows_or_table: pa.Table | Iterable[Mapping[str, Any]], schema: pa.Schema
 ) -> Path:
@@ -61,17 +77,10 @@ def write_table(
     input gives a table with the schema and no rows. Returns the path."""
     path = Path(path)
     table = to_table(rows_or_table, schema)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:  # open(), not tempfile: keeps the umask's permissions (0o644)
-            pq.write_table(table, f, **WRITE_OPTIONS)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # open(): keeps the umask's permissions
+        pq.write_table(table, f, **WRITE_OPTIONS)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
@@ -80,20 +89,27 @@ def concat_parquet(path: Path | str, parts: Iterable[Path | str], schema: pa.Sch
     streaming: memory holds one part. Each non-empty part becomes its own row group, so the bytes
     depend only on the parts. No parts gives a table with the schema and no rows."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     options = {k: v for k, v in WRITE_OPTIONS.items() if k != "row_group_size"}
-    try:
-        with open(tmp, "wb") as f:
-            with pq.ParquetWriter(f, schema, **options) as writer:
-                for part in parts:
-                    table = to_table(pq.read_table(part), schema)
-                    if table.num_rows:
-                        writer.write_table(table, row_group_size=WRITE_OPTIONS["row_group_size"])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        with pq.ParquetWriter(f, schema, **options) as writer:
+            for part in parts:
+                table = to_table(pq.read_table(part), schema)
+                if table.num_rows:
+                    writer.write_table(table, row_group_size=WRITE_OPTIONS["row_group_size"])
+        f.flush()
+        os.fsync(f.fileno())
     return path
+
+
+def atomic_torch_save(obj: Any, path: Path | str) -> None:
+    """torch.save to `path`, atomically. Saved through a buffer, so the bytes do not depend on the
+    file's name (torch names the archive's folder after it): the same object gives the same file,
+    and DVC the same hash."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(buf.getbuffer())

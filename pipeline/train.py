@@ -9,15 +9,16 @@ its checkpoint reproduces the uninterrupted run's weights.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
+
+from pipeline.tables import atomic_torch_save
 
 LossFn = Callable[[Any], dict[str, torch.Tensor]]  # a batch → named terms, "total" among them
 
@@ -39,6 +40,13 @@ class Optimisation:
             raise ValueError(f"epochs and accumulate must be >= 1 and lr > 0: {self}")
         if self.optimizer not in ("adamw", "adam") or self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"unknown optimizer or amp: {self}")
+
+    @classmethod
+    def pick(cls, settings: Mapping[str, Any], **fixed: Any) -> Optimisation:
+        """The optimisation settings among `settings` (a training section's keys: epochs, lr, …;
+        the rest ignored), with `fixed` on top."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in settings.items() if k in names}, **fixed)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -72,12 +80,6 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if setting == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -199,7 +201,7 @@ class Trainer:
             if on_epoch is not None:
                 record.update(on_epoch(epoch))
             self.history.append(record)
-            atomic_save(self.state(epoch), self.checkpoint_path(epoch))
+            atomic_torch_save(self.state(epoch), self.checkpoint_path(epoch))
         return self.history
 
     def _lr(self) -> float:

@@ -5,33 +5,18 @@ a remote, so a colleague without internet pulls them instead of downloading them
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from pipeline.models.detector import file_digest, prepare_ultralytics
+from pipeline.tables import atomic_file, atomic_torch_save
+
 
 class WeightsError(ValueError):
     """Weights that cannot be had or loaded; the message names the params key."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _install(src: Path, out: Path) -> None:
-    """Copy to `out` atomically (a killed run never leaves a half file that looks whole)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, out)
 
 
 def _summary(source: str, kind: str, out: Path) -> dict:
@@ -39,7 +24,7 @@ def _summary(source: str, kind: str, out: Path) -> dict:
         "source": source,
         "kind": kind,
         "file": str(out),
-        "sha256": _sha256(out),
+        "sha256": file_digest(out),
         "bytes": out.stat().st_size,
     }
 
@@ -58,7 +43,8 @@ def fetch_clip(model: str, pretrained: str, out: Path, base_dir: Path | str = ".
     try:
         if kind == "file":
             create(model, str(path))  # loads: the architecture and the file agree
-            _install(path, out)
+            with atomic_file(out) as tmp:
+                shutil.copyfile(path, tmp)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
@@ -76,9 +62,6 @@ def fetch_detector(model: str, weights: str, out: Path, base_dir: Path | str = "
     A local file is copied byte for byte; an ultralytics release name (e.g. yolov8x.pt) is
     downloaded by ultralytics (online, once); "none" is the architecture `model` randomly
     initialised from seed 0, saved without a date so that the bytes are the same every run."""
-    from pipeline.models.clip import atomic_torch_save
-    from pipeline.models.detector import prepare_ultralytics
-
     prepare_ultralytics()
     from ultralytics import YOLO
     from ultralytics.utils.downloads import attempt_download_asset
@@ -87,10 +70,11 @@ def fetch_detector(model: str, weights: str, out: Path, base_dir: Path | str = "
     kind = "none" if weights == "none" else "file" if path.is_file() else "ultralytics release"
     try:
         if kind == "file":
-            _install(path, out)
+            with atomic_file(out) as tmp:
+                shutil.copyfile(path, tmp)
         elif kind == "ultralytics release":
-            with tempfile.TemporaryDirectory() as tmp:
-                _install(Path(attempt_download_asset(Path(tmp) / weights)), out)
+            with tempfile.TemporaryDirectory() as folder, atomic_file(out) as tmp:
+                shutil.copyfile(attempt_download_asset(Path(folder) / weights), tmp)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)

@@ -51,16 +51,7 @@ def run(params_file: Path, progress: bool = True) -> dict:
         trainable_names(model, cfg.trainable_blocks)
     except ValueError as err:
         raise ParamsError(f"{params_file}: {err}") from None
-    opt = Optimisation(
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps,
-        grad_clip=cfg.grad_clip,
-        accumulate=cfg.accumulate,
-        amp=cfg.amp,
-        seed=cfg.seed,
-    )
+    opt = Optimisation.pick(cfg.model_dump())
     loss_weights = DistillWeights(cos=cfg.lambda_cos, anchor=cfg.lambda_anchor)
     targets = distill.Targets.load(embeddings, targets_file, anchor=cfg.lambda_anchor > 0)
     inputs = [*shards, embeddings / "captions.parquet", targets_file]

@@ -4,17 +4,16 @@ the scratch folders of earlier runs cleared away."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
+
+from pipeline.tables import atomic_file
 
 
 def write_json(path: Path, obj: dict, sort_keys: bool = False) -> None:
     """Atomically: a metrics file is never half written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def log_live(folder: Path, records: list[dict], skip: tuple[str, ...] = ("step", "epoch")) -> None:

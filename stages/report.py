@@ -4,10 +4,10 @@ CLIP), as metrics/report.json and metrics/report.md."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from pipeline.report import compare, to_markdown
+from pipeline.tables import atomic_file
 
 METRICS_DIR = Path("metrics")
 
@@ -28,7 +28,5 @@ def run(models: list[str], metrics_dir: Path = METRICS_DIR) -> dict:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -92,15 +92,7 @@ def configs(cfg, dim: int) -> tuple[TeacherConfig, Optimisation]:
         pool_temperature=cfg.pool_temperature,
         aggregation_clusters=cfg.aggregation_clusters,
     )
-    opt = Optimisation(
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps,
-        grad_clip=cfg.grad_clip,
-        optimizer="adam",
-        seed=cfg.seed,
-    )
+    opt = Optimisation.pick(cfg.model_dump(), optimizer="adam")
     return model_cfg, opt
 
 

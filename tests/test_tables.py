@@ -134,3 +134,16 @@ def test_concat_parquet_refuses_a_part_of_another_schema_and_leaves_nothing(tmp_
     with pytest.raises(ValueError, match="differ from the schema"):
         tables.concat_parquet(tmp_path / "out.parquet", [bad], SCHEMA)
     assert listing(tmp_path) == ["bad.parquet"]
+
+
+def test_atomic_file_replaces_on_success_and_leaves_nothing_on_failure(tmp_path):
+    from pipeline.tables import atomic_file
+
+    path = tmp_path / "sub" / "out.txt"
+    with atomic_file(path) as tmp:
+        tmp.write_text("whole")
+    assert path.read_text() == "whole"
+    with pytest.raises(RuntimeError), atomic_file(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert path.read_text() == "whole" and sorted(p.name for p in path.parent.iterdir()) == ["out.txt"]

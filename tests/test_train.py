@@ -106,3 +106,10 @@ def test_bad_settings_are_refused():
 
 def test_contrastive_batches_drop_only_a_lone_last_pair():
     assert [contrastive_batches(n, 4) for n in (0, 1, 4, 5, 6, 11, 12)] == [0, 0, 1, 1, 2, 3, 3]
+
+
+def test_optimisation_picks_its_settings_from_a_section():
+    section = {"epochs": 3, "lr": 0.1, "grad_clip": 2.0, "heads": 8, "out": "x", "seed": 4}
+    assert Optimisation.pick(section, optimizer="adam") == Optimisation(
+        epochs=3, lr=0.1, grad_clip=2.0, seed=4, optimizer="adam"
+    )

@@ -8,6 +8,8 @@ from pathlib import Path
 import open_clip
 import torch
 
+from pipeline.tables import atomic_torch_save
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 # The project's small configs (the demo CLIP) join open_clip's own, under their file names.
 open_clip.add_model_config(CONFIG_DIR)
@@ -36,21 +38,6 @@ def save_checkpoint(net: torch.nn.Module, path: Path, half: bool = True) -> None
     float16 storage halves the file and loads into a float32 model unchanged in use."""
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in net.state_dict().items()}
     atomic_torch_save({"state_dict": state}, path)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to `path` through a temporary file. Saved through a buffer, so the bytes do not
-    depend on the file's name (torch names the archive's folder after it): the same object gives
-    the same file, and DVC the same hash."""
-    import io
-    import os
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(buf.getbuffer())
-    os.replace(tmp, path)
 
 
 def encode_tokens(
