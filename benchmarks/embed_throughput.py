@@ -48,7 +48,7 @@ from pipeline.detect import REGIONS_SCHEMA
 from pipeline.shards import ShardWriter, read_shard
 from pipeline.tables import write_table
 
-DEMO = ("DCLIP-Demo-S16", "demo/weights/clip-DCLIP-Demo-S16.pt")
+DEMO = ("DCLIP-Demo-RN64", "demo/weights/clip-DCLIP-Demo-RN64.pt")
 B32 = ("ViT-B-32", "none")
 
 

@@ -30,7 +30,7 @@ from pipeline.metrics import retrieval_metrics
 from pipeline.models.clip import create
 from pipeline.shards import read_shard
 
-DEMO = ("DCLIP-Demo-S16", "demo/weights/clip-DCLIP-Demo-S16.pt")
+DEMO = ("DCLIP-Demo-RN64", "demo/weights/clip-DCLIP-Demo-RN64.pt")
 
 
 def best(fn, repeats: int) -> float:

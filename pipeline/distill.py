@@ -169,10 +169,12 @@ def train_student(
     checkpoints: Path,
     device: torch.device,
     progress: bool = True,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ):
     """Fine-tune the image tower (all of it, or its last `blocks` blocks) with the distillation
     loss, resuming from `checkpoints`. Returns (model, trainer, frozen-side hash); raises
-    DistillError if anything outside the image tower changed."""
+    DistillError if anything outside the image tower changed. `on_step(step, losses)` is called
+    after every optimiser step."""
     from pipeline.losses import distill_loss
     from pipeline.models.student import freeze_for_distillation, frozen_hash, set_train_mode
     from pipeline.train import Trainer, contrastive_batches
@@ -204,7 +206,7 @@ def train_student(
             f = student_features(model, batch, device)
             return distill_loss(f["student"], f["text"], f["teacher"], f["base"], scale, weights)
 
-        trainer.fit(data, loss_fn)
+        trainer.fit(data, loss_fn, on_step=on_step)
     model.eval()
     after = frozen_hash(model)
     if after != before:

@@ -247,7 +247,7 @@ def train_models(
     ),
     train_images: Annotated[int, typer.Option(min=1)] = 20000,
     val_images: Annotated[int, typer.Option(min=1)] = 1000,
-    clip_epochs: Annotated[int, typer.Option(min=1)] = 5,
+    clip_epochs: Annotated[int, typer.Option(min=1)] = 16,
     yolo_epochs: Annotated[int, typer.Option(min=1)] = 8,
     yolo_images: Annotated[int, typer.Option(min=1)] = 2500,
     single_object_fraction: Annotated[

@@ -66,7 +66,7 @@ def test_empty_file_takes_every_default(tmp_path):
         (("world", "planted_duplicates"), 1200, "world: planted_duplicates (1200) exceeds the smallest"),
         (("clip", "model"), "ViT-Q-99", "clip.model: unknown open_clip model 'ViT-Q-99' (value 'ViT-Q-99')"),
         (("clip", "pretrained"), "weights/missing.pt", "clip.pretrained: weights file 'weights/missing.pt' does not exist"),
-        (("clip", "pretrained"), "laion9000", "clip.pretrained: 'laion9000' is neither 'none', an open_clip tag for DCLIP-Demo-S16, nor a file"),
+        (("clip", "pretrained"), "laion9000", "clip.pretrained: 'laion9000' is neither 'none', an open_clip tag for DCLIP-Demo-RN64, nor a file"),
         (("detector", "model"), "yolov8q.yaml", "detector.model: unknown ultralytics model config 'yolov8q.yaml'"),
         (("clip", "checkpoint"), "", "clip.checkpoint: must be a non-empty path (value '')"),
         (("detector", "checkpoint"), " ", "detector.checkpoint: must be a non-empty path (value ' ')"),

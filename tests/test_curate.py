@@ -58,7 +58,7 @@ def settings(coco: int, flickr30k: int, cc: int, **kw) -> Curate:
 @pytest.fixture(scope="session")
 def tokens():
     """The demo CLIP's own tokenizer (context 32)."""
-    return clip_token_counter("DCLIP-Demo-S16")
+    return clip_token_counter("DCLIP-Demo-RN64")
 
 
 def run(world: Path, out: Path, cfg: Curate, tokens, max_tokens: int | None = None) -> dict:
@@ -461,11 +461,11 @@ def test_the_stage_refuses_a_caption_limit_beyond_the_models_context(tiny_world,
         "cifar100": {"folder": str(p.cifar100)},
         "sugarcrepe": {"annotations": str(p.sugarcrepe_annotations), "images": str(p.sugarcrepe_images)},
     }
-    raw = {"clip": {"model": "DCLIP-Demo-S16"}, "sources": sources, "curate": {"caption": {"max_tokens": 40}}}
+    raw = {"clip": {"model": "DCLIP-Demo-RN64"}, "sources": sources, "curate": {"caption": {"max_tokens": 40}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(
         ParamsError,
-        match=r"curate.caption.max_tokens: 40 exceeds the context length of clip.model 'DCLIP-Demo-S16' \(32\)",
+        match=r"curate.caption.max_tokens: 40 exceeds the context length of clip.model 'DCLIP-Demo-RN64' \(32\)",
     ):
         stage_run(tmp_path / "params.yaml", progress=False)
     assert not (tmp_path / "data").exists()

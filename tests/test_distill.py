@@ -19,7 +19,7 @@ from pipeline.shards import ShardWriter
 from pipeline.tables import write_table
 from pipeline.train import Optimisation
 
-MODEL = "DCLIP-Demo-S16"
+MODEL = "DCLIP-Demo-RN64"
 N = 12
 WITH_TEACHER = DistillWeights(cos=1.0)
 
@@ -111,7 +111,7 @@ def test_an_epoch_visits_every_cached_pair_once_in_a_seeded_order(world):
         assert [len(b) for b in one] == [4, 4, 3]
         assert one == keys(1) and one != keys(2)
         batch = next(distill.epoch_batches(shards(root), 1, 0, 4, preprocess, t, pool))
-        assert batch.pixels.shape == (4, 3, 128, 128) and batch.base.shape == (4, 128)
+        assert batch.pixels.shape == (4, 3, 64, 64) and batch.base.shape == (4, 128)
 
 
 def test_a_cached_pair_whose_image_no_longer_decodes_is_an_error(world):
@@ -129,7 +129,9 @@ def test_a_cached_pair_whose_image_no_longer_decodes_is_an_error(world):
         )
 
 
-def train(root, model, preprocess, ckpt, weights=WITH_TEACHER, epochs=2, t=None, transform=None):
+def train(
+    root, model, preprocess, ckpt, weights=WITH_TEACHER, epochs=2, t=None, transform=None, on_step=None
+):
     opt = Optimisation(epochs=epochs, lr=1e-4, weight_decay=0.1, warmup_steps=1, grad_clip=1.0, seed=0)
     return distill.train_student(
         model,
@@ -144,6 +146,7 @@ def train(root, model, preprocess, ckpt, weights=WITH_TEACHER, epochs=2, t=None,
         ckpt,
         torch.device("cpu"),
         progress=False,
+        on_step=on_step,
     )
 
 
@@ -151,7 +154,14 @@ def test_the_student_trains_its_image_tower_only(world):
     root, model, preprocess = world
     before_hash = frozen_hash(model)
     visual = {n: p.detach().clone() for n, p in model.visual.named_parameters()}
-    model, trainer, text_hash = train(root, model, preprocess, root / "ckpt")
+    seen = []
+    model, trainer, text_hash = train(
+        root, model, preprocess, root / "ckpt", on_step=lambda step, losses: seen.append((step, losses))
+    )
+    # on_step sees every optimiser step, in order, with what the trainer records of it
+    recorded = [(r["step"], {k: v for k, v in r.items() if k not in ("step", "epoch")}) for r in trainer.steps]
+    assert seen == recorded
+    assert [s for s, _ in seen] == list(range(1, 7))
     assert text_hash == before_hash == frozen_hash(model)
     assert all(not torch.equal(p, visual[n]) for n, p in model.visual.named_parameters())
     assert len(trainer.steps) == trainer.total == 2 * 3 and {

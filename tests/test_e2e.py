@@ -23,7 +23,7 @@ def test_repro_runs_every_stage_then_nothing(reproduced):
     # The base models as files, before anything loads them; the demo's are copies of its weights.
     assert first.index("Running stage 'weights'") < first.index("Running stage 'detect'")
     assert (repo / "data" / "weights" / "clip.pt").read_bytes() == (
-        repo / "demo" / "weights" / "clip-DCLIP-Demo-S16.pt"
+        repo / "demo" / "weights" / "clip-DCLIP-Demo-RN64.pt"
     ).read_bytes()
     world = json.loads((repo / "demo" / "raw" / "world.json").read_text())
     assert world["coco"]["images"] == TINY_WORLD["coco"]["train2014"] + TINY_WORLD["coco"]["val2014"]

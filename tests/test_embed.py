@@ -31,8 +31,8 @@ from pipeline.tables import write_table
 
 from .conftest import REPO
 
-DEMO = "DCLIP-Demo-S16"
-DEMO_WEIGHTS = REPO / "demo" / "weights" / "clip-DCLIP-Demo-S16.pt"
+DEMO = "DCLIP-Demo-RN64"
+DEMO_WEIGHTS = REPO / "demo" / "weights" / "clip-DCLIP-Demo-RN64.pt"
 SETTINGS = emb.Settings(batch_size=4)
 
 
@@ -229,7 +229,7 @@ def test_crops_are_preprocessed_by_the_model_transform_bit_for_bit(demo_encoder)
     ]
     want = torch.stack([demo_encoder.preprocess(c) for c in crops])
     pixels = demo_encoder.pixels(crops)
-    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 128, 128, 3)  # a quarter of float's memory
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 64, 64, 3)  # a quarter of float's memory
     got = demo_encoder.model_input(pixels)
     assert torch.equal(got, want) and got.is_contiguous()
     # Any other transform runs whole, crop by crop.

@@ -57,7 +57,7 @@ def project(tiny_world, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_clip():
-    return create("DCLIP-Demo-S16", str(REPO / "demo" / "weights" / "clip-DCLIP-Demo-S16.pt"))
+    return create("DCLIP-Demo-RN64", str(REPO / "demo" / "weights" / "clip-DCLIP-Demo-RN64.pt"))
 
 
 def encoder(demo_clip, **kw) -> Encoder:
@@ -193,7 +193,7 @@ def test_trained_weights_beat_chance_and_an_untrained_model(project, demo_clip):
     trained = evaluate(encoder(demo_clip), curated, ["coco", "flickr30k"], "single").metrics["retrieval"]
     torch.manual_seed(0)
     untrained = evaluate(
-        encoder(create("DCLIP-Demo-S16", "none")), curated, ["coco", "flickr30k"], "single"
+        encoder(create("DCLIP-Demo-RN64", "none")), curated, ["coco", "flickr30k"], "single"
     ).metrics["retrieval"]
     for name in ("coco", "flickr30k"):
         for direction in ("text_to_image", "image_to_text"):
@@ -263,7 +263,7 @@ def test_stage_writes_metrics_and_curves_then_the_report(project, capsys):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["evaluate"]["datasets"] = ["cifar10"]
     (project / "cifar10.yaml").write_text(yaml.safe_dump(params))
-    weights = ["--weights", "demo/weights/clip-DCLIP-Demo-S16.pt"]
+    weights = ["--weights", "demo/weights/clip-DCLIP-Demo-RN64.pt"]
     args = ["evaluate", "--model", "copy", *weights, "--params", str(project / "cifar10.yaml")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

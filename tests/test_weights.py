@@ -17,7 +17,7 @@ from pipeline.weights import WeightsError, fetch_clip, fetch_detector
 
 from .conftest import REPO
 
-DEMO_CLIP = REPO / "demo" / "weights" / "clip-DCLIP-Demo-S16.pt"
+DEMO_CLIP = REPO / "demo" / "weights" / "clip-DCLIP-Demo-RN64.pt"
 DEMO_YOLO = REPO / "demo" / "weights" / "yolo-demo-v8n.pt"
 
 
@@ -27,17 +27,17 @@ def sha(path: Path) -> str:
 
 def test_a_local_clip_checkpoint_is_copied_byte_for_byte_and_loads(tmp_path):
     out = tmp_path / "w" / "clip.pt"
-    info = fetch_clip("DCLIP-Demo-S16", str(DEMO_CLIP), out)
+    info = fetch_clip("DCLIP-Demo-RN64", str(DEMO_CLIP), out)
     assert sha(out) == sha(DEMO_CLIP) == info["sha256"] and info["kind"] == "file"
     assert info["bytes"] == DEMO_CLIP.stat().st_size
-    a, b = create("DCLIP-Demo-S16", str(out))[0], create("DCLIP-Demo-S16", str(DEMO_CLIP))[0]
+    a, b = create("DCLIP-Demo-RN64", str(out))[0], create("DCLIP-Demo-RN64", str(DEMO_CLIP))[0]
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_clip_none_is_the_same_random_initialisation_every_run(tmp_path):
     first, second = tmp_path / "a.pt", tmp_path / "b.pt"
-    assert fetch_clip("DCLIP-Demo-S16", "none", first)["kind"] == "none"
-    fetch_clip("DCLIP-Demo-S16", "none", second)
+    assert fetch_clip("DCLIP-Demo-RN64", "none", first)["kind"] == "none"
+    fetch_clip("DCLIP-Demo-RN64", "none", second)
     assert sha(first) == sha(second)
     # Not the demo's trained weights, and loadable as a float32 state dict.
     state = torch.load(first, weights_only=True)["state_dict"]
@@ -46,7 +46,7 @@ def test_clip_none_is_the_same_random_initialisation_every_run(tmp_path):
 
 def test_clip_weights_of_another_architecture_fail_naming_the_key(tmp_path):
     with pytest.raises(
-        WeightsError, match=r"clip.pretrained: cannot load .*clip-DCLIP-Demo-S16.pt.* for 'ViT-B-32'"
+        WeightsError, match=r"clip.pretrained: cannot load .*clip-DCLIP-Demo-RN64.pt.* for 'ViT-B-32'"
     ):
         fetch_clip("ViT-B-32", str(DEMO_CLIP), tmp_path / "clip.pt")
     assert not (tmp_path / "clip.pt").exists()

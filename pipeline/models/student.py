@@ -30,29 +30,40 @@ def frozen_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def tower_blocks(visual: torch.nn.Module) -> tuple[list[str], tuple[str, ...]]:
+    """The image tower's blocks in order, as parameter-name prefixes inside `visual`, and the
+    prefixes of its head (what follows the last block). open_clip's ViT: its transformer blocks,
+    then ln_post and the projection; its ModifiedResNet: the bottlenecks of layer1..layer4, then
+    the attention pool."""
+    resblocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if resblocks is not None:
+        return [f"transformer.resblocks.{i}." for i in range(len(resblocks))], (
+            "ln_post.",
+            "proj",
+            "attn_pool",
+            "head.",
+        )
+    stages = [getattr(visual, f"layer{k}", None) for k in range(1, 5)]
+    if all(isinstance(s, torch.nn.Sequential) for s in stages) and hasattr(visual, "attnpool"):
+        return [f"layer{k}.{j}." for k, s in enumerate(stages, 1) for j in range(len(s))], ("attnpool.",)
+    raise ValueError(
+        f"distill.trainable_blocks: the image tower {type(visual).__name__} has neither transformer "
+        "blocks nor ResNet stages; train all of it (null)"
+    )
+
+
 def trainable_names(model: torch.nn.Module, blocks: int | None) -> list[str]:
     """Names of the image-tower parameters that train: all of them (blocks None), or the last
-    `blocks` transformer blocks and everything after them (ln_post and the projection)."""
+    `blocks` blocks and the head after them (see tower_blocks)."""
     visual = model.visual
     names = [f"{VISUAL}{n}" for n, _ in visual.named_parameters()]
     if blocks is None:
         return names
-    resblocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
-    if resblocks is None:
-        raise ValueError(
-            f"distill.trainable_blocks: the image tower {type(visual).__name__} has no transformer "
-            "blocks; train all of it (null)"
-        )
-    if not 0 <= blocks <= len(resblocks):
-        raise ValueError(f"distill.trainable_blocks: {blocks} is not within 0..{len(resblocks)} blocks")
-    first = len(resblocks) - blocks
-    head = ("ln_post.", "proj", "attn_pool", "head.")  # what follows the blocks in open_clip's ViT
-    return [
-        n
-        for n in names
-        if n.startswith(tuple(f"{VISUAL}transformer.resblocks.{i}." for i in range(first, len(resblocks))))
-        or n.removeprefix(VISUAL).startswith(head)
-    ]
+    prefixes, head = tower_blocks(visual)
+    if not 0 <= blocks <= len(prefixes):
+        raise ValueError(f"distill.trainable_blocks: {blocks} is not within 0..{len(prefixes)} blocks")
+    train = tuple(prefixes[len(prefixes) - blocks :]) + head
+    return [n for n in names if n.removeprefix(VISUAL).startswith(train)]
 
 
 def freeze_for_distillation(model: torch.nn.Module, blocks: int | None) -> list[torch.nn.Parameter]:
