@@ -6,6 +6,12 @@ Run from the repository root after `dvc repro train_teacher` (it reads the demo'
 embed cache and teacher targets):
 
     python benchmarks/distill_throughput.py [--shards 1] [--batch 64] [--workers 2] [--repeats 3]
+    python benchmarks/distill_throughput.py --model ViT-B-32 --pretrained none --pairs 320 --batch 32
+
+--model / --pretrained train another CLIP on the same images (default: params' clip.model and the
+weights stage's checkpoint); when its embedding width differs from the cache's, the cached
+vectors are replaced by seeded random ones of its width under the same keys (the joins and their
+cost stay; the values do not matter for throughput). --pairs keeps the first N pairs of the shards.
 
 - stage steps: images/s of the stage's optimiser steps, timed from the end of its second step to
   the end of its last full batch, so that, like the bare loop, two warm-up steps are left out.
@@ -24,12 +30,14 @@ the per-repeat ratios is printed beside the best-of ratio.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline import distill
@@ -62,10 +70,27 @@ def bare(model, pixels: torch.Tensor, steps: int, dim: int) -> float:
     return steps * batch / (time.perf_counter() - start)
 
 
-def stage(params, shards, targets, batch: int, workers: int, pairs: int) -> tuple[float, float]:
+def restrict(targets: distill.Targets, keys: list[str], dim: int) -> distill.Targets:
+    """The targets of `keys` only (the stage skips pairs the cache lacks), as `dim`-wide vectors:
+    the cached ones when they are that wide, else seeded random ones under the same keys."""
+
+    def part(vectors: distill.Vectors) -> distill.Vectors:
+        out = copy.copy(vectors)
+        out.index = {k: i for i, k in enumerate(keys)}
+        rows = [vectors.index[k] for k in keys]
+        out.matrix = vectors.matrix[rows]
+        if out.matrix.shape[1] != dim:
+            rng = np.random.default_rng(len(out.matrix))
+            out.matrix = rng.standard_normal((len(keys), dim)).astype(np.float16)
+        return out
+
+    return distill.Targets(part(targets.captions), part(targets.teacher), None, targets.image_of)
+
+
+def stage(spec, shards, targets, batch: int, workers: int, pairs: int) -> tuple[float, float]:
     """(steady step images/s, whole-call images/s) of one epoch of the stage's training loop."""
     torch.manual_seed(0)
-    model, preprocess, _ = create(params.clip.model, params.clip.pretrained)
+    model, preprocess, _ = create(*spec)
     opt = Optimisation(epochs=1, lr=1e-5, weight_decay=0.1, warmup_steps=1, grad_clip=1.0)
     ends: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,28 +113,39 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", help="open_clip architecture (default: clip.model)")
+    ap.add_argument("--pretrained", help="its weights: a tag, a file or none (default: clip.checkpoint)")
+    ap.add_argument("--pairs", type=int, help="the first N pairs of the shards (default: all)")
     args = ap.parse_args()
     params = load_params(args.params, only=("clip", "curate", "embed", "teacher"))
+    spec = (args.model or params.clip.model, args.pretrained or str(params.clip.checkpoint))
     shards = sorted((Path(params.curate.out) / "train").glob("*.tar"))[: args.shards]
     targets = distill.Targets.load(Path(params.embed.out), Path(params.teacher.targets), anchor=False)
+    from pipeline.shards import read_shard
+
+    keys = [k for s in shards for k, _ in read_shard(s) if k in targets.captions.index][: args.pairs]
+    dim = create(*spec)[0].text_projection.shape[1]
+    targets = restrict(targets, keys, dim)
     pairs = distill.count_pairs(shards, targets)
     if pairs // args.batch <= WARMUP_STEPS:
         raise SystemExit(f"{pairs} pairs make {pairs // args.batch} full batches of {args.batch}: too few")
-    _, preprocess, _ = create(params.clip.model, params.clip.pretrained)
+    _, preprocess, _ = create(*spec)
     with ThreadPoolExecutor(args.workers) as pool:
         first = next(distill.epoch_batches(shards, 1, 0, args.batch, preprocess, targets, pool))
-    dim = targets.captions.matrix.shape[1]
     steps = pairs // args.batch - WARMUP_STEPS  # as many timed steps as the stage's
-    print(f"threads {torch.get_num_threads()}, batch {args.batch}, workers {args.workers}, pairs {pairs}")
+    print(f"{spec[0]} ({spec[1]}), threads {torch.get_num_threads()}, batch {args.batch}, "
+          f"workers {args.workers}, pairs {pairs}")  # fmt: skip
     rows = []
     for r in range(args.repeats):
-        b = bare(create(params.clip.model, params.clip.pretrained)[0], first.pixels, steps, dim)
-        steady, whole = stage(params, shards, targets, args.batch, args.workers, pairs)
+        b = bare(create(*spec)[0], first.pixels, steps, dim)
+        steady, whole = stage(spec, shards, targets, args.batch, args.workers, pairs)
         rows.append((b, steady, whole))
         print(f"repeat {r + 1}: bare {b:7.1f}  stage steps {steady:7.1f}  stage whole {whole:7.1f} images/s"
               f"  ratio {steady / b:.3f}")  # fmt: skip
     best_bare, best_steady, best_whole = (max(col) for col in zip(*rows))
-    print(f"best   bare {best_bare:7.1f}  stage steps {best_steady:7.1f}  stage whole {best_whole:7.1f} images/s")
+    print(
+        f"best   bare {best_bare:7.1f}  stage steps {best_steady:7.1f}  stage whole {best_whole:7.1f} images/s"
+    )
     print(f"ratio (stage steps ÷ bare, best of {args.repeats})  {best_steady / best_bare:.3f}")
     print(f"ratio (median of the repeats)          {statistics.median(s / b for b, s, _ in rows):.3f}")
     print(f"ratio (stage whole ÷ bare, best)       {best_whole / best_bare:.3f}")

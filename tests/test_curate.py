@@ -461,7 +461,11 @@ def test_the_stage_refuses_a_caption_limit_beyond_the_models_context(tiny_world,
         "cifar100": {"folder": str(p.cifar100)},
         "sugarcrepe": {"annotations": str(p.sugarcrepe_annotations), "images": str(p.sugarcrepe_images)},
     }
-    raw = {"clip": {"model": "DCLIP-Demo-RN64"}, "sources": sources, "curate": {"caption": {"max_tokens": 40}}}
+    raw = {
+        "clip": {"model": "DCLIP-Demo-RN64"},
+        "sources": sources,
+        "curate": {"caption": {"max_tokens": 40}},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(
         ParamsError,

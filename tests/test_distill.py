@@ -159,7 +159,9 @@ def test_the_student_trains_its_image_tower_only(world):
         root, model, preprocess, root / "ckpt", on_step=lambda step, losses: seen.append((step, losses))
     )
     # on_step sees every optimiser step, in order, with what the trainer records of it
-    recorded = [(r["step"], {k: v for k, v in r.items() if k not in ("step", "epoch")}) for r in trainer.steps]
+    recorded = [
+        (r["step"], {k: v for k, v in r.items() if k not in ("step", "epoch")}) for r in trainer.steps
+    ]
     assert seen == recorded
     assert [s for s, _ in seen] == list(range(1, 7))
     assert text_hash == before_hash == frozen_hash(model)
