@@ -144,7 +144,8 @@ def main() -> None:
               f"  ratio {steady / b:.3f}")  # fmt: skip
     best_bare, best_steady, best_whole = (max(col) for col in zip(*rows))
     print(
-        f"best   bare {best_bare:7.1f}  stage steps {best_steady:7.1f}  stage whole {best_whole:7.1f} images/s"
+        f"best   bare {best_bare:7.1f}  stage steps {best_steady:7.1f}  "
+        f"stage whole {best_whole:7.1f} images/s"
     )
     print(f"ratio (stage steps ÷ bare, best of {args.repeats})  {best_steady / best_bare:.3f}")
     print(f"ratio (median of the repeats)          {statistics.median(s / b for b, s, _ in rows):.3f}")
