@@ -45,6 +45,7 @@ from pipeline.config import load_params
 from pipeline.losses import DistillWeights, distill_loss
 from pipeline.models.clip import create
 from pipeline.models.student import freeze_for_distillation, set_train_mode
+from pipeline.shards import read_shard
 from pipeline.train import Optimisation
 
 WARMUP_STEPS = 2
@@ -121,15 +122,13 @@ def main() -> None:
     spec = (args.model or params.clip.model, args.pretrained or str(params.clip.checkpoint))
     shards = sorted((Path(params.curate.out) / "train").glob("*.tar"))[: args.shards]
     targets = distill.Targets.load(Path(params.embed.out), Path(params.teacher.targets), anchor=False)
-    from pipeline.shards import read_shard
-
     keys = [k for s in shards for k, _ in read_shard(s) if k in targets.captions.index][: args.pairs]
-    dim = create(*spec)[0].text_projection.shape[1]
+    model, preprocess, _ = create(*spec)
+    dim = model.encode_text(torch.zeros(1, 1, dtype=torch.long)).shape[1]  # the joint space's width
     targets = restrict(targets, keys, dim)
     pairs = distill.count_pairs(shards, targets)
     if pairs // args.batch <= WARMUP_STEPS:
         raise SystemExit(f"{pairs} pairs make {pairs // args.batch} full batches of {args.batch}: too few")
-    _, preprocess, _ = create(*spec)
     with ThreadPoolExecutor(args.workers) as pool:
         first = next(distill.epoch_batches(shards, 1, 0, args.batch, preprocess, targets, pool))
     steps = pairs // args.batch - WARMUP_STEPS  # as many timed steps as the stage's
