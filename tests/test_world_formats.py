@@ -271,7 +271,12 @@ def test_cifar10_pickles_read_like_the_real_ones(tiny_world, encoding):
     label = test[key("labels")][0]
     colours = list(json.loads((tiny_world / "world.json").read_text())["vocabulary"]["colours"])
     redraw = [
-        make_sample(Job(CIFAR10_TEST, 0, single=(c, SHAPES[label]), size=(32, 32), raw=True), 7, (96, 128), 4)
+        make_sample(
+            Job(CIFAR10_TEST, 0, single=(c, SHAPES[label]), size=(32, 32), raw=True, domain="web"),
+            7,
+            (96, 128),
+            4,
+        )
         for c in colours
     ]
     assert any(np.array_equal(image, r.data) for r in redraw)

@@ -172,3 +172,81 @@ def test_captions_are_distinct_and_counts_are_right(seed, style):
         counted[(words[-2], shape)] += k
     truth = Counter((o.colour, o.shape) for o in scene.objects)
     assert counted == truth
+
+
+# --- the web domain (the demo CLIP's pretraining data and the zero-shot sets) ------------------------
+
+
+def test_web_layouts_are_bigger_and_draw_their_own_backgrounds():
+    from pipeline.world.scene import BACKGROUNDS, SIZES, WEB_BACKGROUNDS, WEB_SIZES
+
+    curated = [sample_layout(np.random.default_rng(i), 160, 128, 1) for i in range(300)]
+    web = [sample_layout(np.random.default_rng(i), 160, 128, 1, domain="web") for i in range(300)]
+    side = lambda layouts: np.mean([lay.items[0][-1] / 128 for lay in layouts])  # noqa: E731
+    assert side(web) > 1.4 * side(curated)
+    assert all(lay.items[0][-1] / 128 <= SIZES["large"][1] + 0.01 for lay in curated)
+    assert max(lay.items[0][-1] / 128 for lay in web) > WEB_SIZES["large"][0]
+    assert {lay.background for lay in curated} == set(BACKGROUNDS)
+    web_bg = Counter(lay.background for lay in web)
+    assert set(web_bg) == set(WEB_BACKGROUNDS) | set(BACKGROUNDS)
+    assert 0.8 < sum(web_bg[b] for b in WEB_BACKGROUNDS if b != "plain") / 300 + web_bg["plain"] / 300
+    with pytest.raises(ValueError, match="unknown domain 'nope'"):
+        sample_layout(np.random.default_rng(0), 160, 128, 1, domain="nope")
+
+
+def test_the_curated_domain_draws_what_it_drew_before_the_web_domain_existed():
+    # The curated layouts consume the generator exactly as before: the same seed, the same scene.
+    rng = np.random.default_rng(5)
+    layout = sample_layout(rng, 160, 128, 3)
+    assert layout == sample_layout(np.random.default_rng(5), 160, 128, 3, domain="curated")
+    # Read off the code before the web domain was added (git show <that commit>:pipeline/world/scene.py).
+    assert layout.background == "striped"
+    assert layout.items == (
+        ("ring", "brown", "large", (132, 61, 30), 72, 23, 46),
+        ("diamond", "blue", "small", (47, 79, 218), 56, 15, 22),
+        ("heart", "yellow", "small", (247, 219, 20), 23, 89, 29),
+    )
+
+
+@pytest.mark.parametrize("background", ["gradient", "blotchy"])
+def test_web_backgrounds_render_light_and_varied(background):
+    lay = Layout(96, 64, background, (210, 210, 210), ())
+    image, _ = render(lay, np.random.default_rng(0))
+    px = np.asarray(image, dtype=np.float32)
+    assert px.min() > 120  # light: no blotch passes for an object's colour
+    assert px.std() > 2  # not plain
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds)
+def test_web_captions_are_distinct_short_and_name_only_what_is_there(seed):
+    rng = np.random.default_rng(seed)
+    _, scene = render(sample_layout(rng, 160, 128, 3, domain="web"), rng)
+    texts = cap.captions(scene, rng, 5, "web")
+    assert len(texts) == len(set(texts)) >= 1
+    named = {w for o in scene.objects for w in (o.colour, o.shape, cap.plural(o.shape))}
+    for text in texts:
+        words = set(re.findall(r"[a-z]+", text.lower()))
+        assert words & set(COLOURS) <= {o.colour for o in scene.objects}
+        assert words & (set(SHAPES) | {cap.plural(s) for s in SHAPES}) <= named
+
+
+def test_web_captions_know_every_word_of_the_curated_captions_but_seldom_describe():
+    from pipeline.world.generate import WEB, Job, make_sample
+
+    rng = np.random.default_rng(0)
+    web_words, curated_words, descriptive, n = Counter(), Counter(), 0, 0
+    # The pretraining split's own draws (its first 3,000 of 20,000 images), as the demo CLIP saw them.
+    for i in range(3000):
+        for text in make_sample(Job(WEB, i, WEB, i, "web", 5, domain="web"), 0, (128, 176), 4).captions:
+            words = re.findall(r"[a-z]+", text.lower())
+            web_words.update(words)
+            descriptive += any(w in words for w in ("left", "right", "above", "below", "background"))
+            n += 1
+    for _ in range(600):
+        _, scene = render(sample_layout(rng, 160, 128, 4), rng)
+        for style in ("coco", "flickr"):
+            for text in cap.captions(scene, rng, 5, style):
+                curated_words.update(re.findall(r"[a-z]+", text.lower()))
+    assert set(curated_words) - set(web_words) == set()
+    assert descriptive / n < 2 * cap.WEB_DESCRIPTIVE

@@ -5,6 +5,12 @@ place, colour summary — each phrased a few ways, then styled like the source t
 (COCO annotators, Flickr30k annotators, web alt-text). Relations name only objects that their
 description picks out uniquely and whose relation is unambiguous, so that swapping the two makes a
 false caption (the compositional probe relies on this).
+
+The web domain (the demo CLIP's pretraining data) has captions of its own (`web_captions`): short,
+partial, noisy alt-text — object names, often only some of the objects, rarely a size — and only
+WEB_DESCRIPTIVE of them one of the five descriptive kinds above, so that every word the curated
+captions use (relations, places, counts, backgrounds) is known to the text tower but seldom
+grounded, as relations and counts are rare in web alt-text.
 """
 
 from __future__ import annotations
@@ -187,5 +193,69 @@ STYLES = {"coco": coco_style, "flickr": flickr_style, "alt_text": alt_text_style
 
 
 def captions(scene: Scene, rng: np.random.Generator, n: int, style: str) -> list[str]:
+    if style == "web":
+        return web_captions(scene, rng, n)
     styler = STYLES[style]
     return [styler(p, rng) for p in describe(scene, rng, n)]
+
+
+# --- the web domain's alt-text ---------------------------------------------------------------
+
+WEB_DESCRIPTIVE = 0.12  # share of web captions that are one of the descriptive kinds above
+WEB_LEADS = ("", "", "", "stock image of ", "illustration of ", "vector graphic : ", "free ", "png ")
+WEB_TAILS = ("", "", "", " - stock photo", " | clipart", " icon", " hd wallpaper", " vector", " #shapes")
+# Now and then a caption reads like an annotator's (Flickr30k's phrasing), so that its words are
+# known too.
+WEB_SENTENCE_TAILS = (" is shown", " can be seen", " appears in the picture")
+
+
+def _names(scene: Scene, rng: np.random.Generator) -> str:
+    """Colour-shape names of some of the objects (each kept with probability 0.7, at least one),
+    without sizes, counts or places: "red star and blue circle"."""
+    objs = list(scene.objects)
+    kept = [o for o in objs if rng.random() < 0.7] or [objs[int(rng.integers(len(objs)))]]
+    parts = list(dict.fromkeys(f"{o.colour} {o.shape}" for o in kept))
+    order = rng.permutation(len(parts))
+    words = [parts[i] for i in order]
+    if rng.random() < 0.5:
+        words = [with_article(w) for w in words]
+    return join(words) if rng.random() < 0.6 else ", ".join(words)
+
+
+def _partial(scene: Scene, rng: np.random.Generator) -> str:
+    """One object, partly named: its shape alone, its shape with its size, or a plural tag."""
+    o = scene.objects[int(rng.integers(len(scene.objects)))]
+    return _pick(rng, (o.shape, with_article(o.shape), f"{o.size} {o.colour} {o.shape}", plural(o.shape)))
+
+
+def web_phrase(scene: Scene, rng: np.random.Generator) -> str:
+    u = rng.random()
+    if u < WEB_DESCRIPTIVE:
+        for _ in range(len(KINDS)):
+            phrase = _pick(rng, KINDS)(scene, rng)
+            if phrase is not None:
+                return phrase
+    return _names(scene, rng) if u < 0.75 else _partial(scene, rng)
+
+
+def web_style(phrase: str, rng: np.random.Generator) -> str:
+    tail = _pick(rng, WEB_SENTENCE_TAILS) if rng.random() < 0.05 else _pick(rng, WEB_TAILS)
+    text = _pick(rng, WEB_LEADS) + phrase + tail
+    u = rng.random()
+    if u < 0.2:
+        return text.title()
+    if u < 0.3:
+        return text.upper()
+    return text
+
+
+def web_captions(scene: Scene, rng: np.random.Generator, n: int) -> list[str]:
+    """`n` distinct alt-text captions (fewer when the scene allows no more)."""
+    out: list[str] = []
+    for _ in range(20 * n):
+        text = web_style(web_phrase(scene, rng), rng)
+        if text not in out:
+            out.append(text)
+        if len(out) == n:
+            break
+    return out

@@ -53,10 +53,12 @@ from pipeline.world.scene import (
 COCO, FLICKR, CC, IMAGENET, CIFAR10_TRAIN, CIFAR10_TEST, CIFAR100_TRAIN, CIFAR100_TEST, PRETRAIN, PROBE = (
     range(1, 11)
 )
+WEB = 11  # the demo CLIP's web-domain pretraining split (PRETRAIN: the detector's, curated domain)
 SCENE_STREAM, CAPTION_STREAM, ID_STREAM = 0, 1, 2
 
 JPEG_QUALITY = 90
 OBJECT_COUNT_WEIGHTS = (0.25, 0.35, 0.25, 0.15)  # 1, 2, 3, 4 objects
+WEB_OBJECT_COUNT_WEIGHTS = (0.55, 0.3, 0.1, 0.05)  # object-centric: mostly one or two
 CLASS_FILL = (0.4, 0.7)  # single-object class images: object side ÷ short side
 CIFAR_SIZE = 32
 
@@ -75,6 +77,7 @@ class Job:
     n_objects: int | None = None  # a scene of exactly this many random objects
     size: tuple[int, int] | None = None  # fixed (width, height); otherwise drawn at random
     raw: bool = False  # return the pixels (CIFAR) instead of JPEG bytes
+    domain: str = "curated"  # or "web": the layouts and backgrounds of scene.py's two domains
 
 
 @dataclass(frozen=True)
@@ -92,14 +95,15 @@ def make_sample(job: Job, seed: int, image_size: tuple[int, int], max_objects: i
         width, height = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, size=2))
     if job.single is not None:
         colour, shape = job.single
-        layout = single_object_layout(rng, width, height, shape, colour, CLASS_FILL)
+        layout = single_object_layout(rng, width, height, shape, colour, CLASS_FILL, job.domain)
     else:
         if job.n_objects is not None:
             n = job.n_objects
         else:
-            weights = np.array(OBJECT_COUNT_WEIGHTS[:max_objects])
+            counts = WEB_OBJECT_COUNT_WEIGHTS if job.domain == "web" else OBJECT_COUNT_WEIGHTS
+            weights = np.array(counts[:max_objects])
             n = 1 + int(rng.choice(max_objects, p=weights / weights.sum()))
-        layout = sample_layout(rng, width, height, n)
+        layout = sample_layout(rng, width, height, n, job.domain)
     image, scene = render(layout, rng)
     texts: tuple[str, ...] = ()
     if job.style is not None:
@@ -464,7 +468,13 @@ def imagenet_wnid(class_index: int) -> str:
 def _write_imagenet(cfg: World, root: Path, painter: Painter, truth: GroundTruth) -> dict:
     per = cfg.zeroshot.imagenet_per_class
     classes = [(c, s) for c in COLOURS for s in SHAPES]
-    jobs = [Job(IMAGENET, k * per + j, single=cls) for k, cls in enumerate(classes) for j in range(per)]
+    # Drawn like the pretraining data (as ImageNet is to web data): zero-shot retention then
+    # measures what fine-tuning on the curated domain forgets.
+    jobs = [
+        Job(IMAGENET, k * per + j, single=cls, domain="web")
+        for k, cls in enumerate(classes)
+        for j in range(per)
+    ]
     # Real validation files are numbered in an order unrelated to their class.
     numbers = np.random.default_rng([cfg.seed, IMAGENET, 0, ID_STREAM]).permutation(len(jobs)) + 1
     base = root / "imagenet"
@@ -485,7 +495,8 @@ def _cifar_images(
 ) -> list[np.ndarray]:
     """One 32×32 image per (colour, shape)."""
     jobs = [
-        Job(source, i, single=cls, size=(CIFAR_SIZE, CIFAR_SIZE), raw=True) for i, cls in enumerate(classes)
+        Job(source, i, single=cls, size=(CIFAR_SIZE, CIFAR_SIZE), raw=True, domain="web")
+        for i, cls in enumerate(classes)
     ]
     return [s.data for s in painter.paint(jobs, desc)]
 
@@ -623,21 +634,23 @@ def generate_pretrain_split(
     n_val: int,
     single_object_fraction: float = 0.0,
     progress: bool = True,
+    domain: str = "web",
 ) -> dict:
     """Captioned images with YOLO labels, from a seed stream no pipeline split uses.
 
-    The last `single_object_fraction` of the training images hold one object each: object-centric
-    images, as web data has many, in which a caption can only be told from the others by the
-    shape, so that a contrastive model has to learn shapes and not colours alone.
+    `domain` "web" (the demo CLIP's pretraining data: web-domain images with alt-text captions,
+    source WEB) or "curated" (the detector's: curated-domain scenes with COCO-style captions,
+    source PRETRAIN). The last `single_object_fraction` of the training images hold one object
+    each.
 
     Layout (ultralytics' own): images/{train,val}/*.jpg, labels/{train,val}/*.txt, data.yaml with
     one class per shape; captions.jsonl has the five captions of every image.
     """
     if not 0.0 <= single_object_fraction <= 1.0:
         raise ValueError(f"single_object_fraction must be in [0, 1], got {single_object_fraction}")
-    first_single = (
-        n_train - pretrain_summary(cfg, n_train, n_val, single_object_fraction)["single_object_train"]
-    )
+    summary = pretrain_summary(cfg, n_train, n_val, single_object_fraction, domain)
+    first_single = n_train - summary["single_object_train"]
+    source, style = (WEB, "web") if domain == "web" else (PRETRAIN, "coco")
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
@@ -649,13 +662,14 @@ def generate_pretrain_split(
             (tmp / "labels" / split).mkdir(parents=True)
             jobs = [
                 Job(
-                    PRETRAIN,
+                    source,
                     start + i,
-                    PRETRAIN,
+                    source,
                     start + i,
-                    "coco",
+                    style,
                     5,
                     n_objects=1 if start + i >= first_single and split == "train" else None,
+                    domain=domain,
                 )
                 for i in range(n)
             ]
@@ -683,7 +697,6 @@ def generate_pretrain_split(
     (tmp / "captions.jsonl").write_text("\n".join(lines) + "\n")
     names = "".join(f"  {k}: {s}\n" for k, s in enumerate(SHAPES))
     # No `path:` key: ultralytics then takes the folder of data.yaml as the dataset root.
-    summary = pretrain_summary(cfg, n_train, n_val, single_object_fraction)
     (tmp / "split.json").write_text(json.dumps(summary))
     (tmp / "data.yaml").write_text(f"train: images/train\nval: images/val\nnames:\n{names}")
     if out.exists():
@@ -692,12 +705,20 @@ def generate_pretrain_split(
     return summary
 
 
-def pretrain_summary(cfg: World, n_train: int, n_val: int, single_object_fraction: float) -> dict:
-    """What identifies a pretraining split (written to its split.json)."""
+def pretrain_summary(
+    cfg: World, n_train: int, n_val: int, single_object_fraction: float, domain: str = "web"
+) -> dict:
+    """What identifies a pretraining split (written to its split.json): its settings and the
+    generator's code, so that a changed world is never mistaken for a cached split."""
+    code = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        code.update(path.name.encode() + path.read_bytes())
     return {
+        "generator": code.hexdigest()[:16],
         "world_seed": cfg.seed,
         "image_size": list(cfg.image_size),
         "max_objects": cfg.max_objects,
+        "domain": domain,
         "train": n_train,
         "val": n_val,
         "single_object_train": int(round(single_object_fraction * n_train)),

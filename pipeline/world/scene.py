@@ -1,7 +1,16 @@
 """Scenes of the demo world: a vocabulary of shapes and colours, sampled layouts, and rendering.
 
-A scene is a few coloured shapes on a textured background. Everything is a pure function of a
-numpy Generator, so the same seed gives the same pixels.
+A scene is a few coloured shapes on a background. Everything is a pure function of a numpy
+Generator, so the same seed gives the same pixels.
+
+Two visual domains, as in reality a CLIP's web pretraining data differs from COCO and Flickr30k:
+- `curated` (the COCO / Flickr30k / CC stand-ins and the probe): one to four objects, small and
+  large, overlapping a little, on textured backgrounds (striped, dotted, checkered, speckled) —
+  cluttered scenes, like COCO's.
+- `web` (the demo CLIP's pretraining data and the zero-shot sets, as ImageNet is to web data):
+  object-centric — mostly one or two big objects — on plain, gradient or blotchy backgrounds;
+  a textured curated background only now and then (WEB_TEXTURED), so that every word of the
+  curated captions stays grounded in the pretraining data, rarely.
 """
 
 from __future__ import annotations
@@ -38,7 +47,13 @@ COLOURS = {
 }
 WARM_COLOURS = ("red", "orange", "yellow", "pink", "brown")
 SIZES = {"small": (0.17, 0.23), "large": (0.31, 0.40)}  # box side ÷ the image's short side
-BACKGROUNDS = ("plain", "striped", "dotted", "checkered", "speckled")
+BACKGROUNDS = ("plain", "striped", "dotted", "checkered", "speckled")  # the curated domain's
+# The web domain: bigger objects, other backgrounds; a curated background WEB_TEXTURED of the time.
+WEB_SIZES = {"small": (0.22, 0.30), "large": (0.42, 0.62)}
+WEB_SMALL = 0.25  # share of small objects in web images
+WEB_BACKGROUNDS = ("plain", "gradient", "blotchy")
+WEB_TEXTURED = 0.1
+DOMAINS = ("curated", "web")
 
 SUPERSAMPLE = 2  # shapes are drawn at 2× and box-filtered down: smooth edges, exact masks
 MAX_IOU = 0.3  # objects may overlap a little ...
@@ -84,16 +99,22 @@ def _bg_rgb(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(np.clip(base + d, 0, 255)) for d in rng.integers(-14, 15, size=3))
 
 
-def sample_layout(rng: np.random.Generator, width: int, height: int, n_objects: int) -> Layout:
-    """Random shapes at random places; overlap is allowed up to MAX_IOU / MAX_COVER."""
+def sample_layout(
+    rng: np.random.Generator, width: int, height: int, n_objects: int, domain: str = "curated"
+) -> Layout:
+    """Random shapes at random places; overlap is allowed up to MAX_IOU / MAX_COVER. The domain
+    sets the sizes and the backgrounds (see the module doc)."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
+    web = domain == "web"
     short = min(width, height)
     boxes: list[tuple[int, int, int, int]] = []
     items = []
     for _ in range(n_objects):
         shape = SHAPES[rng.integers(len(SHAPES))]
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        size = "small" if rng.random() < 0.5 else "large"
-        lo, hi = SIZES[size]
+        size = "small" if rng.random() < (WEB_SMALL if web else 0.5) else "large"
+        lo, hi = (WEB_SIZES if web else SIZES)[size]
         side = int(round(rng.uniform(lo, hi) * short))
         for _attempt in range(40):
             x = int(rng.integers(0, width - side + 1))
@@ -108,12 +129,23 @@ def sample_layout(rng: np.random.Generator, width: int, height: int, n_objects: 
         )
         boxes.append(box)
         items.append((shape, colour, size, rgb, x, y, side))
-    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-    return Layout(width, height, background, _bg_rgb(rng), tuple(items))
+    return Layout(width, height, _pick_background(rng, domain), _bg_rgb(rng), tuple(items))
+
+
+def _pick_background(rng: np.random.Generator, domain: str) -> str:
+    if domain == "web" and rng.random() >= WEB_TEXTURED:
+        return WEB_BACKGROUNDS[rng.integers(len(WEB_BACKGROUNDS))]
+    return BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
 
 
 def single_object_layout(
-    rng: np.random.Generator, width: int, height: int, shape: str, colour: str, fill: tuple[float, float]
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    shape: str,
+    colour: str,
+    fill: tuple[float, float],
+    domain: str = "curated",
 ) -> Layout:
     """One given object filling `fill` (min, max) of the short side: zero-shot class images."""
     side = int(round(rng.uniform(*fill) * min(width, height)))
@@ -121,7 +153,7 @@ def single_object_layout(
     y = int(rng.integers(0, height - side + 1))
     rgb = tuple(int(np.clip(c + d, 0, 255)) for c, d in zip(COLOURS[colour], rng.integers(-12, 13, size=3)))
     size = "small" if side / min(width, height) < SIZES["large"][0] else "large"
-    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    background = _pick_background(rng, domain)
     return Layout(width, height, background, _bg_rgb(rng), ((shape, colour, size, rgb, x, y, side),))
 
 
@@ -239,8 +271,28 @@ def _background(rng: np.random.Generator, layout: Layout, w: int, h: int) -> np.
     elif kind == "checkered":
         period = int(rng.integers(12, 26))
         shade = np.where(((xx // period) + (yy // period)) % 2 == 0, -14.0, 0.0).astype(np.float32)
-    else:  # speckled
+    elif kind == "speckled":
         shade = rng.normal(0, 9, size=(h, w)).astype(np.float32)
+    elif kind == "gradient":
+        # A smooth ramp between the base colour and a second light colour, at a random angle.
+        other = np.array(_bg_rgb(rng), dtype=np.float32)
+        angle = rng.uniform(0, 2 * math.pi)
+        ramp = xx * math.cos(angle) + yy * math.sin(angle)
+        t = ((ramp - ramp.min()) / max(1e-6, float(np.ptp(ramp))))[..., None].astype(np.float32)
+        return np.clip(base * (1 - t) + other * t, 0, 255).astype(np.uint8)
+    elif kind == "blotchy":
+        # Low-frequency noise, upsampled: soft blotches like an out-of-focus photo background.
+        # Mostly lightness, a little hue, so that no blotch passes for an object's colour.
+        grid = (max(2, h // 24), max(2, w // 24))
+        coarse = rng.normal(0, 14, size=(*grid, 1)) + rng.normal(0, 4, size=(*grid, 3))
+        coarse = coarse.astype(np.float32)
+        blotches = Image.fromarray(np.clip(coarse + 128, 0, 255).astype(np.uint8), "RGB").resize(
+            (w, h), Image.Resampling.BICUBIC
+        )
+        shade3 = np.asarray(blotches, dtype=np.float32) - 128
+        return np.clip(base[None, None, :] + shade3, 0, 255).astype(np.uint8)
+    else:  # pragma: no cover - BACKGROUNDS and this function are kept in step by a test
+        raise ValueError(f"unknown background {kind!r}")
     return np.clip(base[None, None, :] + shade[..., None], 0, 255).astype(np.uint8)
 
 
