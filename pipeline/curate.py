@@ -1,11 +1,14 @@
 """Curation: raw COCO / Flickr30k / Conceptual Captions into training shards, with the Karpathy
-val and test images kept out; the Karpathy test sets and the zero-shot sets as evaluation shards.
+val and test images kept out; the Karpathy val and test sets and the zero-shot sets as evaluation
+shards.
 
 Output folder (written under a temporary name and renamed when complete):
 
     train/00000.tar …      WebDataset: <key>.jpg, <key>.txt (caption), <key>.json (metadata)
     train.parquet          one row per training pair: key, shard, source, id, caption, …
-    test/coco/*.tar, test/coco.parquet           Karpathy test: every caption of every image
+    val/coco/*.tar, val/coco.parquet             Karpathy val: every caption of every image;
+    val/flickr30k/*.tar, val/flickr30k.parquet   where every choice is made (never on test)
+    test/coco/*.tar, test/coco.parquet           Karpathy test: the same layout; the readout
     test/flickr30k/*.tar, test/flickr30k.parquet
     zeroshot/{imagenet,cifar10,cifar100}/*.tar, zeroshot/<name>.parquet, zeroshot/<name>.json
     rejects.parquet        everything refused or excluded: source, id, reason, detail
@@ -256,19 +259,6 @@ def prepare(payload: str | bytes | None, size: int, quality: int) -> images.Prep
         return data
     try:
         return images.decode_and_prepare(data, size, quality)
-    except images.ImageReject as err:
-        return Refusal(err.reason, err.message)
-
-
-def content_hash(payload: str | bytes | None) -> str | Refusal | None:
-    """Worker: the decoded image's content hash only (held-out images not written anywhere)."""
-    if payload is None:
-        return None
-    data = _read(payload)
-    if isinstance(data, Refusal):
-        return data
-    try:
-        return images.content_hash(images.decode(data))
     except images.ImageReject as err:
         return Refusal(err.reason, err.message)
 
@@ -655,45 +645,53 @@ def _write_heldout(
     cfg: Curate,
     sel: Selection,
     progress: bool,
+) -> dict[str, dict[str, int]]:
+    """Decode every held-out image, hash it (the leakage guard) and write it with every caption:
+    Karpathy val to val/<name>/ (where choices are made) and test to test/<name>/ (the readout).
+    Returns each split's counts."""
+    return {
+        split: _write_eval_split(
+            name, split, [h for h in items if h.split == split], out, decoder, cfg, sel, progress
+        )
+        for split in ("val", "test")
+    }
+
+
+def _write_eval_split(
+    name: str,
+    split: str,
+    items: list[HeldOut],
+    out: Path,
+    decoder: Decoder,
+    cfg: Curate,
+    sel: Selection,
+    progress: bool,
 ) -> dict[str, int]:
-    """Decode every held-out image: val images are hashed, test images hashed and written with
-    every caption. Returns the test set's counts."""
     ledger = sel.ledger
     prep = partial(prepare, size=cfg.image_size, quality=cfg.jpeg_quality)
-    # Val: hashes only.
-    val = [h for h in items if h.split == "val"]
-    val_jobs = ((h, str(h.path) if h.path is not None else None) for h in val)
-    for h, result in tqdm(
-        decoder.map(content_hash, val_jobs),
-        total=len(val),
-        desc=f"{name} val",
-        disable=not progress,
-        leave=False,
-    ):
-        if result is None:
-            ledger.refuse(f"{name}_val", h.id, "missing_file", f"no image file for {h.id}")
-        elif isinstance(result, Refusal):
-            ledger.refuse(f"{name}_val", h.id, result.reason, result.detail)
-        else:
-            sel.heldout.setdefault(result, f"{name} val {h.id}")
-    # Test: hashes, and the evaluation shards with every caption.
-    source = f"{name}_test"
-    test = [h for h in items if h.split == "test"]
+    source = f"{name}_{split}"
     keys = KeyRegistry()
 
     def jobs() -> Iterator[tuple[Any, Any]]:
-        for h in test:
+        for h in items:
             cleaned = [clean_caption(raw) for raw in h.captions]
             captions = [text for text in cleaned if text]
-            yield (h, cleaned, captions), (str(h.path) if h.path is not None and captions else None)
+            # Decoded even without a usable caption: its hash still guards the training data.
+            yield (h, cleaned, captions), (str(h.path) if h.path is not None else None)
 
     rows, n_captions = [], 0
-    with ShardWriter(out / "test" / name, max_count=cfg.shard_size) as writer:
+    with ShardWriter(out / split / name, max_count=cfg.shard_size) as writer:
         for (h, cleaned, captions), result in tqdm(
-            decoder.map(prep, jobs()), total=len(test), desc=f"{name} test", disable=not progress, leave=False
+            decoder.map(prep, jobs()),
+            total=len(items),
+            desc=f"{name} {split}",
+            disable=not progress,
+            leave=False,
         ):
             # Refusals are recorded here, in order, not when a job is queued: the rejects table
             # must not depend on how far ahead the pool reads.
+            if isinstance(result, images.Prepared):
+                sel.heldout.setdefault(result.content_hash, f"{name} {split} {h.id}")
             for j, text in enumerate(cleaned):
                 if not text:
                     ledger.refuse(source, h.id, "caption_empty", f"caption {j}: {h.captions[j]!r}")
@@ -706,7 +704,6 @@ def _write_heldout(
             if isinstance(result, Refusal):
                 ledger.refuse(source, h.id, result.reason, result.detail)
                 continue
-            sel.heldout.setdefault(result.content_hash, f"{name} test {h.id}")
             key = keys.key(name, h.id, h.stem)
             meta = {
                 "source": name,
@@ -721,7 +718,7 @@ def _write_heldout(
             rows.append(
                 {
                     "key": key,
-                    "shard": f"test/{name}/{shard}",
+                    "shard": f"{split}/{name}/{shard}",
                     "id": h.id,
                     "captions": captions,
                     "width": result.width,
@@ -729,11 +726,11 @@ def _write_heldout(
                 }
             )
             n_captions += len(captions)
-    write_table(out / "test" / f"{name}.parquet", rows, TEST_SCHEMA)
+    write_table(out / split / f"{name}.parquet", rows, TEST_SCHEMA)
     return {
         "images": len(rows),
         "captions": n_captions,
-        "listed": len(test),
+        "listed": len(items),
         "rejected": ledger.split(source)[1],
     }
 
@@ -960,11 +957,15 @@ def curate(
         coco_train = read_captions(paths.coco_train_annotations)
         probe_items = read_sugarcrepe(paths.sugarcrepe_annotations)
         with Decoder(cfg.workers) as decoder:
-            test = {
+            heldout = {
                 "coco": _write_heldout("coco", coco_heldout, tmp, decoder, cfg, sel, progress),
                 "flickr30k": _write_heldout("flickr30k", flickr_heldout, tmp, decoder, cfg, sel, progress),
             }
-            # Which file each test set came from: Karpathy's JSON or CLIP_benchmark's.
+            val = {name: splits["val"] for name, splits in heldout.items()}
+            test = {name: splits["test"] for name, splits in heldout.items()}
+            # Which file each set came from: Karpathy's JSON or CLIP_benchmark's (test only).
+            val["coco"]["annotations"] = paths.coco_karpathy.name
+            val["flickr30k"]["annotations"] = paths.flickr30k_karpathy.name
             test["coco"]["annotations"] = (paths.coco_test or paths.coco_karpathy).name
             test["flickr30k"]["annotations"] = (paths.flickr30k_test or paths.flickr30k_karpathy).name
             probe = _write_probe(probe_items, paths.sugarcrepe_images, tmp, decoder, cfg, sel, progress)
@@ -1011,10 +1012,12 @@ def curate(
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    return {**_metrics(sel, ledger, test, zeroshot, train_shards), "probe": {"sugarcrepe": probe}}
+    return {**_metrics(sel, ledger, val, test, zeroshot, train_shards), "probe": {"sugarcrepe": probe}}
 
 
-def _metrics(sel: Selection, ledger: Ledger, test: dict, zeroshot: dict, train_shards: int) -> dict:
+def _metrics(
+    sel: Selection, ledger: Ledger, val: dict, test: dict, zeroshot: dict, train_shards: int
+) -> dict:
     train: dict[str, Any] = {}
     for source in TRAIN_SOURCES:
         st = sel.stats[source]
@@ -1034,8 +1037,10 @@ def _metrics(sel: Selection, ledger: Ledger, test: dict, zeroshot: dict, train_s
         "images": sum(sel.stats[s].images for s in TRAIN_SOURCES),
         "shards": train_shards,
     }
-    heldout = {
-        "hashes": len(sel.heldout),
-        **{f"{name}_val_rejected": ledger.split(f"{name}_val")[1] for name in ("coco", "flickr30k")},
+    return {
+        "train": train,
+        "val": val,
+        "test": test,
+        "heldout": {"hashes": len(sel.heldout)},
+        "zeroshot": zeroshot,
     }
-    return {"train": train, "test": test, "heldout": heldout, "zeroshot": zeroshot}

@@ -1,5 +1,12 @@
-"""Evaluate a CLIP checkpoint on the curated evaluation sets: Karpathy test retrieval (COCO,
-Flickr30k) and zero-shot classification (ImageNet, CIFAR-10, CIFAR-100).
+"""Evaluate a CLIP checkpoint on the curated evaluation sets: Karpathy val and test retrieval
+(COCO, Flickr30k; val sets are named `<set>_val`), zero-shot classification (ImageNet, CIFAR-10,
+CIFAR-100) and the compositional probe.
+
+Besides the metrics, every query's outcome is kept (`Evaluation.queries`): the place of its best
+positive, 0 for the top — a caption's image, an image's best caption, an image's class, a probe
+item's true caption against its negative. Every metric here is a mean over queries of a function
+of that place, so a study can bootstrap intervals over queries and pair two models on the same
+queries (pipeline/study.py).
 
 Images stream from the curated WebDataset shards through a DataLoader (decoding in worker
 processes, each taking every n-th sample, so any number of shards keeps every worker busy) into
@@ -18,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import open_clip
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -27,10 +35,12 @@ from tqdm import tqdm
 from pipeline import images, metrics
 from pipeline.shards import read_shard
 
-RETRIEVAL_SETS = ("coco", "flickr30k")
+RETRIEVAL_SETS = ("coco", "flickr30k")  # Karpathy test: the readout
+VAL_SUFFIX = "_val"
+VAL_SETS = tuple(f"{name}{VAL_SUFFIX}" for name in RETRIEVAL_SETS)  # Karpathy val: where choices are made
 ZEROSHOT_SETS = ("imagenet", "cifar10", "cifar100")
 PROBE_SETS = ("sugarcrepe",)
-DATASETS = RETRIEVAL_SETS + ZEROSHOT_SETS + PROBE_SETS
+DATASETS = VAL_SETS + RETRIEVAL_SETS + ZEROSHOT_SETS + PROBE_SETS
 SINGLE_PROMPT = "This is a photo of a {}"  # the paper's prompt
 RECALL_KS = (1, 5, 10)
 TOP_KS = (1, 5)
@@ -177,14 +187,22 @@ class Evaluation:
     curves: dict[str, list[float]]  # "<set>_<direction>" → recall at k = 1 … CURVE_MAX_K
     seconds: dict[str, float]  # per data set
     images: int = 0
+    queries: list[dict] = field(default_factory=list)  # QUERY_COLUMNS, one entry per (set, task)
+
+
+def retrieval_manifest(curated: Path, name: str) -> Path:
+    """coco → test/coco.parquet; coco_val → val/coco.parquet."""
+    if name in VAL_SETS:
+        return curated / "val" / f"{name.removesuffix(VAL_SUFFIX)}.parquet"
+    return curated / "test" / f"{name}.parquet"
 
 
 def required_files(curated: Path, datasets: Sequence[str]) -> list[Path]:
     """The curated files a run over `datasets` reads (shards are named by the manifests)."""
     files = []
     for name in datasets:
-        if name in RETRIEVAL_SETS:
-            files.append(curated / "test" / f"{name}.parquet")
+        if name in RETRIEVAL_SETS or name in VAL_SETS:
+            files.append(retrieval_manifest(curated, name))
         elif name in ZEROSHOT_SETS:
             files += [curated / "zeroshot" / f"{name}.parquet", curated / "zeroshot" / f"{name}.json"]
         elif name in PROBE_SETS:
@@ -205,8 +223,20 @@ def _round(d: dict) -> dict:
     return {k: round(v, 4) for k, v in d.items()}
 
 
-def retrieval(encoder: Encoder, curated: Path, name: str) -> tuple[dict, dict[str, list[float]]]:
-    rows = _manifest(curated / "test" / f"{name}.parquet", ["key", "shard", "captions"])
+def _queries(name: str, task: str, places: torch.Tensor, category: list[str] | None = None) -> dict:
+    """One (set, task)'s per-query places, as columns of the queries table."""
+    n = len(places)
+    return {
+        "dataset": [name] * n,
+        "task": [task] * n,
+        "category": category if category is not None else [None] * n,
+        "query": list(range(n)),
+        "place": places.to(torch.int64).tolist(),
+    }
+
+
+def retrieval(encoder: Encoder, curated: Path, name: str) -> tuple[dict, dict[str, list[float]], list[dict]]:
+    rows = _manifest(retrieval_manifest(curated, name), ["key", "shard", "captions"])
     img = encoder.images(curated, [r["key"] for r in rows], [r["shard"] for r in rows], f"{name} images")
     captions = [c for r in rows for c in r["captions"]]
     text_image = torch.tensor([i for i, r in enumerate(rows) for _ in r["captions"]], dtype=torch.int64)
@@ -218,16 +248,17 @@ def retrieval(encoder: Encoder, curated: Path, name: str) -> tuple[dict, dict[st
         "image_to_text": metrics.chance_recall_at_k(len(captions), per_image, RECALL_KS),
     }
     result = {"images": len(rows), "captions": len(captions)}
-    curves = {}
+    curves, queries = {}, []
     for direction, r in ranks.items():
         result[direction] = _round(metrics.summarise(r, RECALL_KS))
         curve = metrics.recall_at_k(r, range(1, CURVE_MAX_K + 1))
         curves[f"{name}_{direction}"] = [round(v, 4) for v in curve.values()]
+        queries.append(_queries(name, direction, metrics.best_ranks(r)))
     result["chance"] = {d: _round({f"R@{k}": v for k, v in c.items()}) for d, c in chance.items()}
-    return result, curves
+    return result, curves, queries
 
 
-def zero_shot(encoder: Encoder, curated: Path, name: str, templates: Sequence) -> dict:
+def zero_shot(encoder: Encoder, curated: Path, name: str, templates: Sequence) -> tuple[dict, dict]:
     rows = _manifest(curated / "zeroshot" / f"{name}.parquet", ["key", "shard", "label"])
     classnames = json.loads((curated / "zeroshot" / f"{name}.json").read_text(encoding="utf-8"))["classnames"]
     labels = torch.tensor([r["label"] for r in rows], dtype=torch.int64)
@@ -236,18 +267,21 @@ def zero_shot(encoder: Encoder, curated: Path, name: str, templates: Sequence) -
     img = encoder.images(curated, [r["key"] for r in rows], [r["shard"] for r in rows], f"{name} images")
     classes = encoder.classes(classnames, templates)
     n = len(classnames)
-    return {
+    result = {
         "images": len(rows),
         "classes": n,
         "templates": len(templates),
         **_round(metrics.zero_shot_metrics(img, classes, labels, TOP_KS)),
         "chance": _round({f"top{k}": min(k, n) / n for k in TOP_KS}),
     }
+    return result, _queries(name, "zero_shot", metrics.zero_shot_ranks(img, classes, labels)[:, 0])
 
 
-def probe(encoder: Encoder, curated: Path, name: str) -> dict:
+def probe(encoder: Encoder, curated: Path, name: str) -> tuple[dict, dict]:
     """A compositional probe (SugarCrepe's format): each image embedded once, however many items
-    name it; accuracy per category and their mean."""
+    name it; accuracy per category and their mean. Beside them, the text side's ceiling: the mean
+    cosine of each item's true caption and its negative in the (frozen) text tower. Near 1 the
+    two captions are one point to the text tower, and no image embedding can tell them apart."""
     columns = ["category", "key", "shard", "caption", "negative_caption"]
     rows = _manifest(curated / "probe" / f"{name}.parquet", columns)
     first = {}
@@ -259,9 +293,18 @@ def probe(encoder: Encoder, curated: Path, name: str) -> dict:
     pos = encoder.texts([r["caption"] for r in rows], f"{name} captions")
     neg = encoder.texts([r["negative_caption"] for r in rows], f"{name} negatives")
     categories = [r["category"] for r in rows]
-    accuracy = metrics.probe_accuracy(img[[where[r["key"]] for r in rows]], pos, neg, categories)
+    item_images = img[[where[r["key"]] for r in rows]]
+    accuracy = metrics.probe_accuracy(item_images, pos, neg, categories)
     counts = {c: categories.count(c) for c in sorted(set(categories))}
-    return {"images": len(keys), "items": counts, "accuracy": _round(accuracy), "chance": 0.5}
+    result = {
+        "images": len(keys),
+        "items": counts,
+        "accuracy": _round(accuracy),
+        "chance": 0.5,
+        "text_cosine": _round(metrics.probe_text_cosine(pos, neg, categories)),
+    }
+    places = metrics.probe_places(item_images, pos, neg)
+    return result, _queries(name, "probe", places, categories)
 
 
 def evaluate(encoder: Encoder, curated: Path | str, datasets: Sequence[str], prompts: str) -> Evaluation:
@@ -274,20 +317,40 @@ def evaluate(encoder: Encoder, curated: Path | str, datasets: Sequence[str], pro
     out = Evaluation(metrics={"retrieval": {}, "zeroshot": {}, "probe": {}}, curves={}, seconds={})
     for name in datasets:
         start = time.perf_counter()
-        if name in RETRIEVAL_SETS:
+        if name in RETRIEVAL_SETS or name in VAL_SETS:
             kind = "retrieval"
-            out.metrics[kind][name], curves = retrieval(encoder, curated, name)
+            out.metrics[kind][name], curves, queries = retrieval(encoder, curated, name)
             out.curves.update(curves)
+            out.queries += queries
         elif name in PROBE_SETS:
             kind = "probe"
-            out.metrics[kind][name] = probe(encoder, curated, name)
+            out.metrics[kind][name], queries = probe(encoder, curated, name)
+            out.queries.append(queries)
         else:
             kind = "zeroshot"
-            out.metrics[kind][name] = zero_shot(encoder, curated, name, templates)
+            out.metrics[kind][name], queries = zero_shot(encoder, curated, name, templates)
+            out.queries.append(queries)
         out.seconds[name] = round(time.perf_counter() - start, 2)
         out.images += out.metrics[kind][name]["images"]
     out.metrics = {k: v for k, v in out.metrics.items() if v}
     return out
+
+
+QUERY_SCHEMA = pa.schema(
+    [
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),  # text_to_image, image_to_text, zero_shot, probe
+        pa.field("category", pa.string()),  # the probe's category; null elsewhere
+        pa.field("query", pa.int32(), nullable=False),  # in the set's manifest order
+        pa.field("place", pa.int32(), nullable=False),  # of the best positive, 0 for the top
+    ]
+)
+
+
+def queries_table(evaluation: Evaluation) -> pa.Table:
+    """Every query's place, one row per query (QUERY_SCHEMA)."""
+    columns = {f.name: [v for q in evaluation.queries for v in q[f.name]] for f in QUERY_SCHEMA}
+    return pa.table(columns, schema=QUERY_SCHEMA)
 
 
 def curve_rows(curves: dict[str, list[float]]) -> list[dict]:

@@ -215,10 +215,33 @@ def probe_accuracy(
     mean over categories (each category weighs the same, as SugarCrepe reports)."""
     if not (len(image_emb) == len(positive_emb) == len(negative_emb) == len(categories)):
         raise ValueError("image, caption, negative and category counts differ")
-    right = (image_emb * positive_emb).sum(-1) > (image_emb * negative_emb).sum(-1)
+    right = probe_places(image_emb, positive_emb, negative_emb) == 0
     out: dict[str, float] = {}
     for c in sorted(set(categories)):
         mask = torch.tensor([x == c for x in categories])
         out[c] = float(right[mask].float().mean())
+    out["mean"] = sum(out.values()) / len(out) if out else math.nan
+    return out
+
+
+def probe_places(image_emb: Tensor, positive_emb: Tensor, negative_emb: Tensor) -> Tensor:
+    """Each probe item's true caption's place against its negative: 0 when it scores higher, 1
+    otherwise (a tie counts against it), so that accuracy is R@1 over the items."""
+    right = (image_emb * positive_emb).sum(-1) > (image_emb * negative_emb).sum(-1)
+    return (~right).to(torch.int64)
+
+
+def probe_text_cosine(
+    positive_emb: Tensor, negative_emb: Tensor, categories: Sequence[str]
+) -> dict[str, float]:
+    """Mean cosine of each item's true caption and its negative (embeddings L2-normalised), per
+    category and "mean" over categories: how far apart the text side holds the two."""
+    if not (len(positive_emb) == len(negative_emb) == len(categories)):
+        raise ValueError("caption, negative and category counts differ")
+    cos = (positive_emb * negative_emb).sum(-1)
+    out: dict[str, float] = {}
+    for c in sorted(set(categories)):
+        mask = torch.tensor([x == c for x in categories])
+        out[c] = float(cos[mask].mean())
     out["mean"] = sum(out.values()) / len(out) if out else math.nan
     return out

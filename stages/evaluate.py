@@ -1,6 +1,7 @@
-"""Stage `evaluate@<model>` (dvc.yaml): Karpathy test retrieval and zero-shot classification of
-one CLIP checkpoint; metrics/<model>.json for `dvc metrics`, metrics/recall/<model>.csv for
-`dvc plots`."""
+"""Stage `evaluate@<model>` (dvc.yaml): Karpathy val and test retrieval, zero-shot classification
+and the probe of one CLIP checkpoint; metrics/<model>.json for `dvc metrics`,
+metrics/recall/<model>.csv for `dvc plots`, and metrics/queries/<model>.parquet: every query's
+outcome, which the study's intervals and paired differences are computed from."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from pipeline.config import Clip, ParamsError, load_params, looks_like_path
-from pipeline.evaluate import Encoder, curve_rows, evaluate, images_per_second
+from pipeline.evaluate import Encoder, curve_rows, evaluate, images_per_second, queries_table
 from pipeline.models.clip import create
+from pipeline.tables import write_table
 from pipeline.train import pick_device
 from stages.outputs import write_json
 
@@ -68,6 +70,8 @@ def run(
     write_json(out / f"{model}.json", result.metrics)
     if result.curves:
         _write_csv(out / "recall" / f"{model}.csv", curve_rows(result.curves))
+    table = queries_table(result)
+    write_table(out / "queries" / f"{model}.parquet", table, table.schema)
     summary = {
         "model": model,
         "weights": weights,

@@ -180,15 +180,27 @@ def test_outputs_are_consistent_webdataset_and_parquet(tiny_world, everything):
     # Shards mix the sources (a seeded shuffle), not one source after another.
     first = [r["source"] for r in rows if r["shard"] == "train/00000.tar"]
     assert len(set(first)) > 1
-    # Test sets: every caption of every Karpathy test image.
+    # Val and test sets: every caption of every Karpathy val (test) image.
     world = json.loads((tiny_world / "world.json").read_text())
-    for name, n in (("coco", world["coco"]["karpathy"]["test"]), ("flickr30k", world["flickr30k"]["test"])):
-        test = pq.read_table(out / "test" / f"{name}.parquet").to_pylist()
-        assert len(test) == n == metrics["test"][name]["images"]
-        assert all(len(t["captions"]) == 5 for t in test)
-        shard = samples(out / "test" / name)
+    for split, name, n in (
+        ("test", "coco", world["coco"]["karpathy"]["test"]),
+        ("test", "flickr30k", world["flickr30k"]["test"]),
+        ("val", "coco", world["coco"]["karpathy"]["val"]),
+        ("val", "flickr30k", world["flickr30k"]["val"]),
+    ):
+        test = pq.read_table(out / split / f"{name}.parquet").to_pylist()
+        assert len(test) == n == metrics[split][name]["images"] > 0
+        assert all(len(t["captions"]) == 5 and t["shard"].startswith(f"{split}/{name}/") for t in test)
+        shard = samples(out / split / name)
+        assert set(shard) == {t["key"] for t in test}
         assert json.loads(shard[test[0]["key"]]["json"])["captions"] == test[0]["captions"]
         assert shard[test[0]["key"]]["txt"].decode().split("\n") == test[0]["captions"]
+    # The val and test sets share no image.
+    for name in ("coco", "flickr30k"):
+        ids = [
+            {t["id"] for t in pq.read_table(out / s / f"{name}.parquet").to_pylist()} for s in ("val", "test")
+        ]
+        assert not ids[0] & ids[1]
     # Zero-shot sets, with class names and a label per sample.
     for name, classes in (("imagenet", 100), ("cifar10", 10), ("cifar100", 100)):
         names = json.loads((out / "zeroshot" / f"{name}.json").read_text())["classnames"]

@@ -24,6 +24,7 @@ from pipeline.evaluate import (
     Encoder,
     evaluate,
     prompt_templates,
+    queries_table,
 )
 from pipeline.models.clip import create
 from pipeline.shards import ShardWriter, read_shard
@@ -35,7 +36,7 @@ from stages.cli import app
 
 from .conftest import REPO
 
-ALL_SETS = ["coco", "flickr30k", "imagenet", "cifar10", "cifar100", "sugarcrepe"]
+ALL_SETS = ["coco_val", "flickr30k_val", "coco", "flickr30k", "imagenet", "cifar10", "cifar100", "sugarcrepe"]
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +130,13 @@ def test_device_choice():
 def test_metrics_of_every_set(project, demo_clip):
     curated = project / "data" / "curated"
     result = evaluate(encoder(demo_clip), curated, ALL_SETS, "single")
-    for name in ("coco", "flickr30k"):
-        rows = manifest(project, f"test/{name}.parquet")
+    for name, path in (
+        ("coco", "test/coco.parquet"),
+        ("flickr30k", "test/flickr30k.parquet"),
+        ("coco_val", "val/coco.parquet"),
+        ("flickr30k_val", "val/flickr30k.parquet"),
+    ):
+        rows = manifest(project, path)
         got = result.metrics["retrieval"][name]
         n_img, n_cap = len(rows), sum(len(r["captions"]) for r in rows)
         assert (got["images"], got["captions"]) == (n_img, n_cap)
@@ -165,6 +171,29 @@ def test_metrics_of_every_set(project, demo_clip):
     assert result.images == sum(
         result.metrics[kind][name]["images"] for kind in result.metrics for name in result.metrics[kind]
     )
+    # Every query's place: each metric is recomputed from the queries table alone.
+    table = queries_table(result).to_pylist()
+    places = lambda d, t: [r["place"] for r in table if (r["dataset"], r["task"]) == (d, t)]  # noqa: E731
+    for name in ("coco", "flickr30k", "coco_val", "flickr30k_val"):
+        got = result.metrics["retrieval"][name]
+        for direction, n in (("text_to_image", got["captions"]), ("image_to_text", got["images"])):
+            ranks = places(name, direction)
+            assert len(ranks) == n
+            for k in (1, 5, 10):
+                assert round(sum(r < k for r in ranks) / n, 4) == got[direction][f"R@{k}"]
+            assert round(sum(1 / (r + 1) for r in ranks) / n, 4) == got[direction]["MRR"]
+    for name in ("imagenet", "cifar10", "cifar100"):
+        ranks = places(name, "zero_shot")
+        assert round(sum(r < 1 for r in ranks) / len(ranks), 4) == result.metrics["zeroshot"][name]["top1"]
+    items = [r for r in table if r["task"] == "probe"]
+    assert len(items) == len(rows) and {r["category"] for r in items} == set(probe["items"])
+    for category, accuracy in probe["accuracy"].items():
+        if category != "mean":
+            mine = [r["place"] == 0 for r in items if r["category"] == category]
+            assert round(sum(mine) / len(mine), 4) == accuracy
+    # The text side's ceiling: the frozen text tower's cosine of caption and negative, per category.
+    assert set(probe["text_cosine"]) == set(probe["accuracy"])
+    assert all(-1 <= v <= 1 for v in probe["text_cosine"].values())
 
 
 def test_the_probe_scores_each_item_with_its_own_image(project, demo_clip):
@@ -173,7 +202,7 @@ def test_the_probe_scores_each_item_with_its_own_image(project, demo_clip):
 
     curated = project / "data" / "curated"
     enc = encoder(demo_clip)
-    got = probe(enc, curated, "sugarcrepe")
+    got, queries = probe(enc, curated, "sugarcrepe")
     rows = manifest(project, "probe/sugarcrepe.parquet")
     keys = list(dict.fromkeys(r["key"] for r in rows))
     shards = {r["key"]: r["shard"] for r in rows}
@@ -184,6 +213,15 @@ def test_the_probe_scores_each_item_with_its_own_image(project, demo_clip):
         right.setdefault(r["category"], []).append(float(img[r["key"]] @ pos) > float(img[r["key"]] @ neg))
     for category, hits in right.items():
         assert got["accuracy"][category] == pytest.approx(sum(hits) / len(hits), abs=1e-4)
+    # Each item's place, in the manifest's order: 0 where its caption won, 1 where the negative
+    # won or tied.
+    won = [
+        float(img[r["key"]] @ enc.texts([r["caption"]])[0])
+        > float(img[r["key"]] @ enc.texts([r["negative_caption"]])[0])
+        for r in rows
+    ]
+    assert queries["place"] == [0 if w else 1 for w in won]
+    assert queries["category"] == [r["category"] for r in rows]
 
 
 def test_trained_weights_beat_chance_and_an_untrained_model(project, demo_clip):
@@ -252,11 +290,15 @@ def test_stage_writes_metrics_and_curves_then_the_report(project, capsys):
     assert [int(r["k"]) for r in rows] == list(range(1, CURVE_MAX_K + 1))
     assert set(rows[0]) == {
         "k",
-        "coco_text_to_image",
-        "coco_image_to_text",
-        "flickr30k_text_to_image",
-        "flickr30k_image_to_text",
+        *(
+            f"{s}_{d}"
+            for s in ("coco", "flickr30k", "coco_val", "flickr30k_val")
+            for d in ("text_to_image", "image_to_text")
+        ),
     }
+    queries = pq.read_table(project / "metrics" / "queries" / "base.parquet")
+    assert queries.schema.names == ["dataset", "task", "category", "query", "place"]
+    assert set(queries.column("dataset").to_pylist()) == set(ALL_SETS)
     assert float(rows[0]["coco_text_to_image"]) == metrics["retrieval"]["coco"]["text_to_image"]["R@1"]
 
     # The same checkpoint under another name, on CIFAR-10 only: the report compares the two.
@@ -271,7 +313,7 @@ def test_stage_writes_metrics_and_curves_then_the_report(project, capsys):
     assert result.exit_code == 0, result.output
     report = json.loads((project / "metrics" / "report.json").read_text())
     assert report["reference"] == "base" and report["models"] == ["base", "copy"]
-    assert len(report["retrieval"]) == 2 * 2 * 5 and len(report["zeroshot"]) == 3 * 3
+    assert len(report["retrieval"]) == 4 * 2 * 5 and len(report["zeroshot"]) == 3 * 3
     for row in report["retrieval"] + report["zeroshot"]:
         if row["dataset"] == "cifar10":
             assert row["values"]["copy"] == row["values"]["base"]
@@ -279,7 +321,7 @@ def test_stage_writes_metrics_and_curves_then_the_report(project, capsys):
         else:
             assert row["values"]["copy"] is None and row["gain"]["copy"] is None
     markdown = (project / "metrics" / "report.md").read_text()
-    assert "| COCO (15 images, 75 captions) | text→image | R@1 |" in markdown
+    assert "| COCO test (15 images, 75 captions) | text→image | R@1 |" in markdown
     assert markdown in result.output
 
 
@@ -316,7 +358,7 @@ def test_default_evaluate_params():
     [
         ({"datasets": []}, "evaluate.datasets: name at least one data set (value [])"),
         ({"datasets": ["coco", "coco"]}, "evaluate.datasets: a data set is named twice"),
-        ({"datasets": ["mnist"]}, "evaluate.datasets.0: Input should be 'coco', 'flickr30k', 'imagenet'"),
+        ({"datasets": ["mnist"]}, "evaluate.datasets.0: Input should be 'coco_val', 'flickr30k_val', 'coco'"),
         ({"datasets": "coco"}, "evaluate.datasets: Input should be a valid list (value 'coco')"),
         ({"prompts": "all"}, "evaluate.prompts: Input should be 'single' or 'openai' (value 'all')"),
         ({"batch_size": 0}, "evaluate.batch_size: Input should be greater than 0 (value 0)"),

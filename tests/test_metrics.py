@@ -279,3 +279,17 @@ def test_probe_accuracy_per_category_and_the_unweighted_mean():
     assert got == {"a": 0.5, "b": 1.0, "mean": 0.75}  # not 2/3: categories weigh the same
     with pytest.raises(ValueError, match="counts differ"):
         probe_accuracy(image, positive, negative, ["a"])
+
+
+def test_probe_places_and_the_text_side_ceiling():
+    from pipeline.metrics import probe_places, probe_text_cosine
+
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    positive = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    negative = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])  # the last: a tie, a miss
+    assert probe_places(image, positive, negative).tolist() == [0, 1, 1]
+    got = probe_text_cosine(positive, negative, ["a", "a", "b"])
+    # a: cos 0 and 0; b: the same caption twice, cos 1 — no image can tell those apart.
+    assert got == {"a": 0.0, "b": pytest.approx(1.0), "mean": pytest.approx(0.5)}
+    with pytest.raises(ValueError, match="counts differ"):
+        probe_text_cosine(positive, negative, ["a"])

@@ -90,7 +90,7 @@ def test_markdown_tables():
     assert md.startswith("# Evaluation report\n")
     assert "| data set | direction | metric | chance | base | student | Δ student | Δ% student |" in md
     assert (
-        "| COCO (5000 images, 25000 captions) | text→image | R@1 | 0.02 | 30.00 | 36.00 | +6.00 | +20.00 |"
+        "| COCO test (5000 images, 25000 captions) | text→image | R@1 | 0.02 | 30.00 | 36.00 | +6.00 | +20.00 |"
         in md
     )
     assert "| ImageNet (50000 images, 1000 classes) | top1 | – | 60.00 | 57.00 | -3.00 | 0.950 |" in md
@@ -110,6 +110,7 @@ def test_probe_rows_and_table():
                 "items": {"swap_att": 200, "add_obj": 200},
                 "chance": 0.5,
                 "accuracy": {"add_obj": 0.9, "swap_att": 0.5, "mean": 0.7},
+                "text_cosine": {"add_obj": 0.6, "swap_att": 0.995, "mean": 0.7975},
             }
         }
     }
@@ -128,4 +129,7 @@ def test_probe_rows_and_table():
     assert rows["mean"]["items"] == 400 and rows["add_obj"]["items"] == 200
     md = to_markdown(report)
     assert "## Compositional probe" in md
-    assert "| SugarCrepe | swap_att | 200 | 50.00 | 50.00 | 60.00 | +10.00 |" in md
+    # The text side's ceiling beside the accuracies: swap_att's captions are one point to it.
+    assert rows["swap_att"]["text_cosine"] == 0.995
+    assert "| SugarCrepe | swap_att | 200 | 50.00 | 0.995 | 50.00 | 60.00 | +10.00 |" in md
+    assert "no image embedding" in md
