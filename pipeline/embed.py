@@ -25,6 +25,7 @@ Outputs, under `out`:
     rejects.parquet    key, image, shard, reason, detail
     teacher/<shard>.tar   WebDataset, one sample per pair, named like the curated shard:
                        <key>.regions.npy float16 [R, D], <key>.weights.npy float32 [R],
+                       <key>.prior.npy float32 [R] (the weights without the caption factor),
                        <key>.tokens.npy float16 [T, D], <key>.caption.npy float16 [D],
                        <key>.image.npy float16 [D], <key>.json {"image": image key}
 
@@ -649,11 +650,15 @@ def _assemble(
         s = stored[image]
         sims = regions.cosines(s.embeddings, emb)
         w = regions.region_weights(s.confidences, s.areas, sims, settings.weights)
+        # The same weighting without the caption's factor: what a teacher that reads no caption
+        # may use (teacher.target: regions).
+        prior = regions.region_weights(s.confidences, s.areas, np.ones_like(sims), settings.weights)
         for c, v in zip(rows, (key, image, caption, tok, emb, sims, w)):
             rows[c].append(v)
         fields = {
             "regions": s.embeddings,
             "weights": w,
+            "prior": prior,
             "tokens": tok,
             "caption": emb,
             "image": s.embeddings[0],

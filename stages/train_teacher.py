@@ -36,7 +36,10 @@ def run(params_file: Path, progress: bool = True) -> dict:
         raise ParamsError(
             f"{params_file}: embed.out: no teacher shards in {folder}; run the embed stage first"
         )
-    dim = int(next(teach.read_pairs(shards[0])).caption.shape[-1])
+    try:
+        dim = int(next(teach.read_pairs(shards[0])).caption.shape[-1])
+    except ValueError as err:
+        raise ParamsError(f"{params_file}: embed.out: {err}") from None
     if dim % cfg.heads:
         raise ParamsError(
             f"{params_file}: teacher.heads: {cfg.heads} does not divide the embedding width {dim}"
@@ -46,11 +49,11 @@ def run(params_file: Path, progress: bool = True) -> dict:
     except ValueError as err:
         raise ParamsError(f"{params_file}: teacher.device: {err}") from None
     model_cfg, opt = configs(cfg, dim)
-    data = teach.Data(shards, cfg.batch_size, cfg.val_fraction, cfg.seed)
+    data = teach.Data(shards, cfg.batch_size, cfg.val_fraction, cfg.seed, prior=model_cfg.inputs == "regions")
     key = run_key(model_cfg, opt, data, cfg.temperature, cfg.learnable_temperature, device)
     checkpoints = root / cfg.scratch / key
     start = time.perf_counter()
-    model, history, reference = teach.train_teacher(
+    model, history, slice_size = teach.train_teacher(
         model_cfg,
         opt,
         data,
@@ -60,23 +63,28 @@ def run(params_file: Path, progress: bool = True) -> dict:
         device,
         on_epoch_end=lambda e, r: print(json.dumps({"epoch": e, **r}), file=sys.stderr),
         progress=progress,
+        target=cfg.target,
     )
     seconds = time.perf_counter() - start
-    teach.load_epoch(model, checkpoints, cfg.use_epoch, device)
-    n = teach.write_targets(model, data, root / cfg.targets, device, dim)
-    _save_teacher(root / cfg.out, model, model_cfg, cfg.use_epoch)
+    try:
+        use_epoch = teach.best_epoch(history) if cfg.use_epoch == "best" else cfg.use_epoch
+    except ValueError as err:
+        raise ParamsError(f"{params_file}: {err}") from None
+    teach.load_epoch(model, checkpoints, use_epoch, device)
+    n, without = teach.write_targets(model, data, root / cfg.targets, device, dim, cfg.target)
+    _save_teacher(root / cfg.out, model, model_cfg, use_epoch)
     metrics = {
-        **teach.summary(history, reference, cfg.use_epoch),
+        **teach.summary(history, slice_size, use_epoch, cfg.target),
         "targets": n,
+        "pairs_without_target": without,
         "train_seconds": round(seconds, 1),
         "device": device.type,
     }
     write_json(root / METRICS, metrics, sort_keys=True)
-    # Per-epoch curves, with the base CLIP reference drawn beside them.
-    reference_curves = {k: v for k, v in reference.items() if k != "pairs"}
-    log_live(root / LIVE_DIR, [{**record, **reference_curves} for record in history])
+    # Curves only: the validation slice's sizes are constants, in metrics/teacher.json.
+    log_live(root / LIVE_DIR, history, skip=("step", "epoch", "val_images", "val_captions"))
     prune_runs(root / cfg.scratch, keep=key)
-    print(json.dumps({"targets": n, "chosen": metrics["chosen"], "validation_base_clip": reference}))
+    print(json.dumps({"targets": n, "pairs_without_target": without, "chosen": metrics["chosen"]}))
     return metrics
 
 
@@ -91,6 +99,7 @@ def configs(cfg, dim: int) -> tuple[TeacherConfig, Optimisation]:
         region_weights=cfg.region_weights,
         pool_temperature=cfg.pool_temperature,
         aggregation_clusters=cfg.aggregation_clusters,
+        inputs="regions" if cfg.target == "regions" else "regions_and_caption",
     )
     opt = Optimisation.pick(cfg.model_dump(), optimizer="adam")
     return model_cfg, opt
@@ -107,7 +116,12 @@ def run_key(model_cfg, opt, data: teach.Data, temperature: float, learnable: boo
     spec = {
         "model": asdict(model_cfg),
         "optimisation": asdict(opt),
-        "data": {"batch_size": data.batch_size, "val_fraction": data.val_fraction, "seed": data.seed},
+        "data": {
+            "batch_size": data.batch_size,
+            "val_fraction": data.val_fraction,
+            "seed": data.seed,
+            "prior": data.prior,
+        },
         "shards": [[s.name, file_hash(s)] for s in data.shards],
         "temperature": [temperature, learnable],
         "device": device.type,

@@ -214,3 +214,33 @@ def test_bad_configs_are_refused():
         TeacherConfig(dim=30, heads=4)
     with pytest.raises(ValueError, match="aggregation_clusters"):
         TeacherConfig(dim=32, aggregation_clusters=0)
+    with pytest.raises(ValueError, match="needs caption tokens"):
+        TeacherConfig(dim=32, inputs="regions", attention="text_to_regions")
+
+
+def test_a_teacher_on_regions_alone_never_reads_the_caption():
+    b = batch()
+    other = PairBatch(
+        b.regions, b.region_mask, b.weights, torch.randn_like(b.tokens), b.token_mask, b.caption
+    )
+    for attention in ("bidirectional", "none"):
+        model = teacher(inputs="regions", attention=attention)
+        assert model.token_in is None and model.text_to_regions is None and model.regions_to_text is None
+        with torch.no_grad():
+            assert torch.equal(model(b), model(other))
+    # none: the weighted mean of the regions through the (identity-initialised) input map.
+    with torch.no_grad():
+        got = teacher(inputs="regions", attention="none")(b)
+    assert torch.allclose(got, F.normalize((b.weights[..., None] * b.regions).sum(1), dim=-1), atol=1e-6)
+    # bidirectional: regions attend to each other, a different computation from the captioned teacher's.
+    with torch.no_grad():
+        assert not torch.allclose(teacher(inputs="regions")(b), teacher()(b), atol=1e-3)
+
+
+def test_a_masked_cosine_distance_averages_the_marked_rows_only():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    assert cosine_distance(a, b).item() == pytest.approx((0 + 1 + 2) / 3)
+    assert cosine_distance(a, b, torch.tensor([True, True, False])).item() == pytest.approx(0.5)
+    none = cosine_distance(a.requires_grad_(), b, torch.tensor([False, False, False]))
+    assert none.item() == 0.0 and none.requires_grad  # still in the graph: a batch may lack targets

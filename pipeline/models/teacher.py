@@ -12,6 +12,11 @@ attention logits wherever regions are attended or pooled: attention to region r 
 proportional to w_r · exp(q·k_r). Uniform weights add a constant and change nothing, so the
 weights act as a prior over regions rather than a rescaling of their values, and a region with
 weight 0 is ignored exactly like padding.
+
+`inputs: regions` is a teacher that reads no caption at all (beyond the paper): the regions attend
+to each other (one self-attention layer, the same masks and log-weight priors; the weights then
+come without their caption factor) and are pooled the same way. Its embedding carries only what
+the image's regions hold, so it cannot pull the student toward the pair's own caption.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 
 Attention = Literal["bidirectional", "text_to_regions", "regions_to_text", "none"]
 Regions = Literal["yolo", "whole_image"]
+Inputs = Literal["regions_and_caption", "regions"]
 NEG = -1e4  # a masked logit: exp() underflows to 0 in float32 and float16 alike
 
 
@@ -38,12 +44,20 @@ class TeacherConfig:
     region_weights: bool = True
     pool_temperature: float = 0.1
     aggregation_clusters: int = 1  # 3: average of three cluster poolings (the paper's ViT-L)
+    # regions_and_caption: the paper's teacher; regions: no caption (regions attend to regions;
+    # `attention` is then bidirectional for that self-attention or none for a weighted mean)
+    inputs: Inputs = "regions_and_caption"
 
     def __post_init__(self):
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if self.aggregation_clusters < 1:
             raise ValueError(f"aggregation_clusters must be >= 1, got {self.aggregation_clusters}")
+        if self.inputs == "regions" and self.attention not in ("bidirectional", "none"):
+            raise ValueError(
+                f"attention {self.attention!r} needs caption tokens; a teacher on regions alone takes "
+                "bidirectional (regions attend to each other) or none"
+            )
 
 
 @dataclass
@@ -145,21 +159,25 @@ class Teacher(nn.Module):
         self.cfg = cfg
         # Per-stream input maps, identity at the start: every variant, `none` included, has
         # something to train, and training starts from CLIP's own geometry.
+        attn, captioned = cfg.attention, cfg.inputs == "regions_and_caption"
         self.region_in = nn.Linear(cfg.dim, cfg.dim)
-        self.token_in = nn.Linear(cfg.dim, cfg.dim)
+        self.token_in = nn.Linear(cfg.dim, cfg.dim) if captioned else None
         for lin in (self.region_in, self.token_in):
-            nn.init.eye_(lin.weight)
-            nn.init.zeros_(lin.bias)
-        attn = cfg.attention
+            if lin is not None:
+                nn.init.eye_(lin.weight)
+                nn.init.zeros_(lin.bias)
         self.text_to_regions = (
             CrossAttention(cfg.dim, cfg.heads, cfg.dropout)
-            if attn in ("bidirectional", "text_to_regions")
+            if captioned and attn in ("bidirectional", "text_to_regions")
             else None
         )
         self.regions_to_text = (
             CrossAttention(cfg.dim, cfg.heads, cfg.dropout)
-            if attn in ("bidirectional", "regions_to_text")
+            if captioned and attn in ("bidirectional", "regions_to_text")
             else None
+        )
+        self.regions_to_regions = (
+            CrossAttention(cfg.dim, cfg.heads, cfg.dropout) if not captioned and attn != "none" else None
         )
 
     def forward(self, b: PairBatch) -> torch.Tensor:
@@ -177,6 +195,12 @@ class Teacher(nn.Module):
         w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
         log_w = torch.log(w.clamp_min(1e-12)).masked_fill(w <= 0, NEG)
         r = self.region_in(regions)
+        k, temp = cfg.aggregation_clusters, cfg.pool_temperature
+        if cfg.inputs == "regions":  # no caption: the tokens are not read
+            if self.regions_to_regions is None:
+                return F.normalize((w[..., None] * r).sum(1), dim=-1)
+            r2 = self.regions_to_regions(r, r, rmask, log_w)
+            return F.normalize(clustered_pool(r2, rmask & (w > 0), temp, k, bias=log_w), dim=-1)
         t = self.token_in(b.tokens)
         if cfg.attention == "none":
             g_r = (w[..., None] * r).sum(1)
@@ -185,7 +209,6 @@ class Teacher(nn.Module):
         # Both layers read the input streams: the two directions are parallel, not stacked.
         t2 = self.text_to_regions(t, r, rmask, log_w) if self.text_to_regions is not None else t
         r2 = self.regions_to_text(r, t, b.token_mask) if self.regions_to_text is not None else r
-        k, temp = cfg.aggregation_clusters, cfg.pool_temperature
         g_t = clustered_pool(t2, b.token_mask, temp, k)
         g_r = clustered_pool(r2, rmask & (w > 0), temp, k, bias=log_w)
         return F.normalize(F.normalize(g_t, dim=-1) + F.normalize(g_r, dim=-1), dim=-1)
