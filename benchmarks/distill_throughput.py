@@ -126,7 +126,7 @@ def main() -> None:
     model, preprocess, _ = create(*spec)
     dim = model.encode_text(torch.zeros(1, 1, dtype=torch.long)).shape[1]  # the joint space's width
     targets = restrict(targets, keys, dim)
-    pairs = distill.count_pairs(shards, targets)
+    pairs = distill.count_images(targets)  # an epoch visits each image once
     if pairs // args.batch <= WARMUP_STEPS:
         raise SystemExit(f"{pairs} pairs make {pairs // args.batch} full batches of {args.batch}: too few")
     with ThreadPoolExecutor(args.workers) as pool:

@@ -6,16 +6,22 @@ cache (the text tower is frozen, so its caption embeddings are exactly the cache
 anchor needs no second model in memory); the teacher image embedding from train_teacher's targets.
 All three are joined by the pair's key.
 
-Streaming: an epoch visits the curated shards in a seeded order and each shard's pairs in a seeded
-order, threads decode ahead of the model, and memory holds one shard's worth of images. The
-lookups of cached vectors (three per pair, float16) are held whole.
+Every caption is usable, one per image per step: an epoch visits every image once, with one of its
+captions drawn by (seed, epoch, image) — curate's captions_per_image: all gives each image all
+its captions, and a batch never holds one image twice (which would make a positive a negative).
+
+Streaming: an epoch visits the curated shards in a seeded order and each shard's drawn pairs in a
+seeded order, threads decode ahead of the model, and memory holds one shard's worth of images.
+The lookups of cached vectors (three per pair, float16) are held whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +45,7 @@ class Vectors:
     def __init__(self, path: Path, key: str, column: str = "embedding"):
         table = pq.read_table(path, columns=[key, column])
         self.path = path
+        self.metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         self.index = {k: i for i, k in enumerate(table.column(key).to_pylist())}
         flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
         self.matrix = flat.reshape(len(self.index), -1).astype(np.float16) if len(self.index) else flat
@@ -50,6 +57,15 @@ class Vectors:
             raise DistillError(f"{self.path}: no {what} for pair {err.args[0]!r}") from None
         return torch.from_numpy(self.matrix[rows].astype(np.float32))
 
+    def get_some(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the keys present (zeros elsewhere) and the mask of those present."""
+        mask = torch.tensor([k in self.index for k in keys], dtype=torch.bool)
+        out = torch.zeros((len(keys), self.matrix.shape[1]), dtype=torch.float32)
+        rows = [self.index[k] for k in keys if k in self.index]
+        if rows:
+            out[mask] = torch.from_numpy(self.matrix[rows].astype(np.float32))
+        return out, mask
+
 
 @dataclass(frozen=True)
 class Targets:
@@ -59,6 +75,28 @@ class Targets:
     teacher: Vectors  # teacher_targets.parquet: key → teacher image embedding
     base: Vectors | None  # embed's images.parquet: image → base CLIP image embedding (anchor)
     image_of: dict[str, str]  # pair key → image id (several pairs may share an image)
+
+    @property
+    def teacher_partial(self) -> bool:
+        """Whether some pairs are meant to have no teacher target (other_captions: an image
+        with one caption), as the targets file itself says; otherwise a missing one is an error."""
+        return int(self.teacher.metadata.get("pairs_without_target", "0")) > 0
+
+    def images(self) -> dict[str, list[str]]:
+        """Each image's cached pairs, in key order."""
+        out: dict[str, list[str]] = {}
+        for key in sorted(self.captions.index):
+            out.setdefault(self.image_of[key], []).append(key)
+        return out
+
+    def drawn_pairs(self, seed: int, epoch: int) -> set[str]:
+        """One pair per image for this epoch, drawn by (seed, epoch, image): every caption of an
+        image gets its turn over the epochs, whatever the shard layout."""
+        chosen = set()
+        for image, keys in self.images().items():
+            digest = hashlib.sha256(f"{seed}|{epoch}|{image}".encode()).digest()
+            chosen.add(keys[int.from_bytes(digest[:8], "big") % len(keys)])
+        return chosen
 
     @classmethod
     def load(cls, embeddings: Path, teacher_targets: Path, anchor: bool) -> Targets:
@@ -84,6 +122,7 @@ class Batch:
     caption: torch.Tensor  # [B, D]
     teacher: torch.Tensor  # [B, D]
     base: torch.Tensor | None  # [B, D]
+    teacher_mask: torch.Tensor | None = None  # [B] bool: which pairs have a teacher target (None: all)
 
 
 def _decode(sample: dict[str, bytes], transform: Callable) -> torch.Tensor | str:
@@ -106,13 +145,17 @@ def epoch_batches(
     pool: ThreadPoolExecutor,
     window: int = 64,
 ) -> Iterator[Batch]:
-    """One epoch of batches in an order fixed by (seed, epoch). A pair the embed cache lacks
-    (embed refused its image) is skipped; a pair in the cache whose image no longer decodes is an
+    """One epoch of batches in an order fixed by (seed, epoch): every cached image once, with the
+    pair drawn for it (Targets.drawn_pairs). A pair the embed cache lacks (embed refused its image)
+    is never drawn; a drawn pair whose image no longer decodes, or that no shard holds, is an
     error, since the cache and the shards then disagree."""
     rng = np.random.default_rng([seed, epoch])
+    chosen = targets.drawn_pairs(seed, epoch)
+    seen = 0
     pending: list[tuple[str, torch.Tensor]] = []
     for s in rng.permutation(len(shards)):
-        samples = [(k, smp) for k, smp in read_shard(shards[s]) if k in targets.captions.index]
+        samples = [(k, smp) for k, smp in read_shard(shards[s]) if k in chosen]
+        seen += len(samples)
         order = rng.permutation(len(samples))
         decoded = ordered_map(
             pool, lambda kv: (kv[0], _decode(kv[1], transform)), (samples[i] for i in order), window
@@ -126,6 +169,11 @@ def epoch_batches(
                 pending = []
     if len(pending) >= 2:  # InfoNCE needs a negative
         yield _batch(pending, targets)
+    if seen != len(chosen):
+        raise DistillError(
+            f"{len(chosen) - seen} pair(s) of the embed cache are in none of the {len(shards)} curated "
+            "shards: the cache is from other shards; run embed again"
+        )
 
 
 def _batch(items: list[tuple[str, torch.Tensor]], targets: Targets) -> Batch:
@@ -133,17 +181,24 @@ def _batch(items: list[tuple[str, torch.Tensor]], targets: Targets) -> Batch:
     base = None
     if targets.base is not None:
         base = targets.base.get([targets.image_of[k] for k in keys], "base image embedding")
+    mask = None
+    if targets.teacher_partial:
+        teacher, mask = targets.teacher.get_some(keys)
+    else:
+        teacher = targets.teacher.get(keys, "teacher target")
     return Batch(
         keys,
         torch.stack([p for _, p in items]),
         targets.captions.get(keys, "caption embedding"),
-        targets.teacher.get(keys, "teacher target"),
+        teacher,
         base,
+        mask,
     )
 
 
-def count_pairs(shards: list[Path], targets: Targets) -> int:
-    return sum(1 for s in shards for k, _ in read_shard(s) if k in targets.captions.index)
+def count_images(targets: Targets) -> int:
+    """Images an epoch visits: those with at least one cached pair."""
+    return len(targets.images())
 
 
 def student_features(model: torch.nn.Module, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
@@ -153,6 +208,7 @@ def student_features(model: torch.nn.Module, batch: Batch, device: torch.device)
         "text": F.normalize(batch.caption.to(device), dim=-1),
         "teacher": batch.teacher.to(device),
         "base": batch.base.to(device) if batch.base is not None else None,
+        "teacher_mask": batch.teacher_mask.to(device) if batch.teacher_mask is not None else None,
     }
 
 
@@ -170,29 +226,31 @@ def train_student(
     device: torch.device,
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    freeze_batchnorm: bool = True,
 ):
     """Fine-tune the image tower (all of it, or its last `blocks` blocks) with the distillation
-    loss, resuming from `checkpoints`. Returns (model, trainer, frozen-side hash); raises
-    DistillError if anything outside the image tower changed. `on_step(step, losses)` is called
-    after every optimiser step."""
+    loss, resuming from `checkpoints`. Weight decay applies to matrices only (train.decay_groups);
+    `freeze_batchnorm` keeps the BatchNorm layers in eval mode, their running statistics the base
+    model's. Returns (model, trainer, frozen-side hash); raises DistillError if anything outside
+    the image tower changed. `on_step(step, losses)` is called after every optimiser step."""
     from pipeline.losses import distill_loss
     from pipeline.models.student import freeze_for_distillation, frozen_hash, set_train_mode
-    from pipeline.train import Trainer, contrastive_batches
+    from pipeline.train import Trainer, contrastive_batches, decay_groups
 
     before = frozen_hash(model)
-    params = freeze_for_distillation(model, blocks)
-    n = count_pairs(shards, targets)
+    freeze_for_distillation(model, blocks)
+    n = count_images(targets)
     if n < 2:
-        raise DistillError(f"only {n} training pairs with cached embeddings; need at least 2")
+        raise DistillError(f"only {n} training images with cached embeddings; need at least 2")
     trainer = Trainer(
         model,
-        params,
+        decay_groups(model, opt.weight_decay),
         opt,
         steps_per_epoch=contrastive_batches(n, batch_size),
         checkpoints=checkpoints,
         device=device,
         progress=progress,
-        train_mode=set_train_mode,
+        train_mode=partial(set_train_mode, freeze_batchnorm=freeze_batchnorm),
     )
     # The temperature is the base model's and stays so: it belongs to the frozen side.
     scale = model.logit_scale.exp().detach()
@@ -204,7 +262,9 @@ def train_student(
 
         def loss_fn(batch: Batch) -> dict[str, torch.Tensor]:
             f = student_features(model, batch, device)
-            return distill_loss(f["student"], f["text"], f["teacher"], f["base"], scale, weights)
+            return distill_loss(
+                f["student"], f["text"], f["teacher"], f["base"], scale, weights, f["teacher_mask"]
+            )
 
         trainer.fit(data, loss_fn, on_step=on_step)
     model.eval()

@@ -20,9 +20,13 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of 1 − cos(a_i, b_i)."""
-    return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+def cosine_distance(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of 1 − cos(a_i, b_i); with a bool `mask`, over the rows it marks
+    (0, still in the graph, when it marks none)."""
+    distance = 1 - F.cosine_similarity(a, b, dim=-1)
+    if mask is None:
+        return distance.mean()
+    return (distance * mask).sum() / mask.sum().clamp_min(1)
 
 
 @dataclass(frozen=True)
@@ -38,14 +42,16 @@ def distill_loss(
     base: torch.Tensor | None,
     logit_scale: torch.Tensor | float,
     weights: DistillWeights,
+    teacher_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """InfoNCE(student image, frozen caption) + λ_cos·(1 − cos(student, teacher))
     [+ λ_anchor·(1 − cos(student, base))]. Returns every term and their weighted total; a term
-    whose weight is 0 is left out of the graph entirely, not multiplied by zero."""
+    whose weight is 0 is left out of the graph entirely, not multiplied by zero. `teacher_mask`
+    marks the pairs that have a teacher target (None: all); the teacher term averages over them."""
     terms = {"contrastive": info_nce(student, text, logit_scale)}
     total = terms["contrastive"]
     if weights.cos:
-        terms["teacher_cos"] = cosine_distance(student, teacher)
+        terms["teacher_cos"] = cosine_distance(student, teacher, teacher_mask)
         total = total + weights.cos * terms["teacher_cos"]
     if weights.anchor:
         if base is None:

@@ -49,6 +49,24 @@ class Optimisation:
         return cls(**{k: v for k, v in settings.items() if k in names}, **fixed)
 
 
+# Never decayed, whatever their shape: decay would pull them toward zero, which for these means
+# toward no position, no class token, no temperature — not toward a simpler model.
+NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "logit_scale")
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The trainable parameters as two optimiser groups, as open_clip's trainer groups them:
+    weight decay for matrices and convolution kernels; none for 1-D parameters (biases, norm and
+    BatchNorm weights, the logit scale) and for positional and class embeddings."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or name.endswith(NO_DECAY_NAMES)
+        (plain if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up to 1 over `warmup` steps, then cosine to 0 at `total` — stepped per
     optimiser step, so the rate really decays within a two-epoch run."""

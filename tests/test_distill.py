@@ -217,3 +217,99 @@ def test_a_killed_run_resumes_to_the_same_student(world):
     resumed, trainer, _ = train(root, model, preprocess, root / "killed")
     assert [h["epoch"] for h in trainer.history] == [1, 2]
     assert all(torch.equal(full_state[k], v) for k, v in resumed.state_dict().items())
+
+
+# --- every caption usable, one per image per step ------------------------------------------------
+
+
+def test_each_epoch_draws_one_caption_per_image_and_every_caption_gets_its_turn(world):
+    root, _, preprocess = world
+    t = targets(root)
+    # Three captions per image: pairs 0-2 show img-a, 3-5 img-b, …
+    shared = {k: f"img-{i // 3}" for i, k in enumerate(sorted(t.captions.index))}
+    t = distill.Targets(t.captions, t.teacher, None, shared)
+    assert distill.count_images(t) == 4  # 11 cached pairs: 3 + 3 + 3 + 2
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+
+        def keys(epoch):
+            return [
+                k
+                for b in distill.epoch_batches(shards(root), epoch, 0, 2, preprocess, t, pool)
+                for k in b.keys
+            ]
+
+        drawn = [keys(e) for e in range(1, 9)]
+    for epoch_keys in drawn:
+        images = [shared[k] for k in epoch_keys]
+        assert sorted(images) == ["img-0", "img-1", "img-2", "img-3"]  # each image once
+    assert drawn[0] == keys_again(root, preprocess, t, 1)
+    assert len({tuple(sorted(d)) for d in drawn}) > 1  # the drawn captions change with the epoch
+    assert set(k for d in drawn for k in d) == set(t.captions.index)  # every caption had its turn
+    assert t.drawn_pairs(0, 3) == t.drawn_pairs(0, 3) != t.drawn_pairs(1, 3)
+
+
+def keys_again(root, preprocess, t, epoch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return [
+            k for b in distill.epoch_batches(shards(root), epoch, 0, 2, preprocess, t, pool) for k in b.keys
+        ]
+
+
+def test_a_drawn_pair_that_no_shard_holds_is_an_error(world):
+    root, _, preprocess = world
+    from concurrent.futures import ThreadPoolExecutor
+
+    with (
+        ThreadPoolExecutor(1) as pool,
+        pytest.raises(distill.DistillError, match="in none of the 2 curated shards"),
+    ):
+        list(distill.epoch_batches(shards(root)[:2], 1, 0, 4, preprocess, targets(root), pool))
+
+
+def test_batchnorm_statistics_stay_the_base_models(world):
+    root, model, preprocess = world
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = {n: b.clone() for n, b in model.visual.named_buffers()}
+    assert any("running_mean" in n for n in buffers)
+    trained, _, _ = train(root, model, preprocess, root / "frozen", epochs=1)
+    assert all(torch.equal(b, buffers[n]) for n, b in trained.visual.named_buffers())
+    # ... and they would drift without the freeze: the test can fail.
+    model.load_state_dict(state)
+    opt = Optimisation(epochs=1, lr=1e-4, weight_decay=0.1, warmup_steps=1, grad_clip=1.0, seed=0)
+    drifted, _, _ = distill.train_student(
+        model, None, WITH_TEACHER, opt, shards(root), targets(root), preprocess, 4, 2, root / "drift",
+        torch.device("cpu"), progress=False, freeze_batchnorm=False,
+    )  # fmt: skip
+    moved = [
+        n for n, b in drifted.visual.named_buffers() if "running_mean" in n and not torch.equal(b, buffers[n])
+    ]
+    assert moved
+
+
+def test_pairs_meant_to_go_without_a_teacher_target_are_masked(world):
+    root, model, preprocess = world
+    keys = [f"coco-{i:03d}" for i in range(N - 1)]
+    rng = np.random.default_rng(3)
+    d = 128
+    schema = pa.schema(
+        [pa.field("key", pa.string()), pa.field("embedding", pa.list_(pa.float16(), d))],
+        metadata={"target": "other_captions", "pairs_without_target": "3"},
+    )
+    flat = pa.array(rng.normal(size=(len(keys) - 3, d)).astype(np.float16).reshape(-1), pa.float16())
+    table = pa.table([pa.array(keys[3:]), pa.FixedSizeListArray.from_arrays(flat, d)], schema=schema)
+    write_table(root / "partial.parquet", table, schema)
+    t = targets(root, teacher="partial.parquet")
+    assert t.teacher_partial and not targets(root).teacher_partial
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        batches = list(distill.epoch_batches(shards(root), 1, 0, 4, preprocess, t, pool))
+    for b in batches:
+        assert b.teacher_mask.tolist() == [k not in keys[:3] for k in b.keys]
+        assert torch.equal(b.teacher[~b.teacher_mask], torch.zeros((int((~b.teacher_mask).sum()), d)))
+    _, trainer, _ = train(root, model, preprocess, root / "partial", epochs=1, t=t)
+    assert all(np.isfinite(s["teacher_cos"]) for s in trainer.steps)

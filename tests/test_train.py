@@ -113,3 +113,22 @@ def test_optimisation_picks_its_settings_from_a_section():
     assert Optimisation.pick(section, optimizer="adam") == Optimisation(
         epochs=3, lr=0.1, grad_clip=2.0, seed=4, optimizer="adam"
     )
+
+
+def test_weight_decay_spares_1d_parameters_and_embeddings():
+    from pipeline.models.clip import create
+    from pipeline.models.student import freeze_for_distillation
+    from pipeline.train import decay_groups
+
+    model, _, _ = create("DCLIP-Demo-RN64", "none")
+    freeze_for_distillation(model, None)
+    decay, plain = decay_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert "visual.attnpool.positional_embedding" in plain_names  # 2-D, but an embedding
+    assert {"visual.bn1.weight", "visual.bn1.bias", "visual.attnpool.c_proj.bias"} <= plain_names
+    assert {"visual.conv1.weight", "visual.attnpool.c_proj.weight"} <= decay_names
+    assert all(n.startswith("visual.") for n in plain_names | decay_names)  # the frozen side is out
+    assert all(p.ndim >= 2 for p in decay["params"])

@@ -74,8 +74,16 @@ def freeze_for_distillation(model: torch.nn.Module, blocks: int | None) -> list[
     return [p for n, p in model.named_parameters() if n in train]
 
 
-def set_train_mode(model: torch.nn.Module) -> None:
+def set_train_mode(model: torch.nn.Module, freeze_batchnorm: bool = True) -> None:
     """Training mode for the image tower only: the frozen text side stays in eval mode (no
-    dropout), so its outputs are those of the base model."""
+    dropout), so its outputs are those of the base model. With `freeze_batchnorm` the image
+    tower's BatchNorm layers stay in eval mode too: they normalise with the base model's running
+    statistics and never update them (their affine weights still train where trainable).
+    Measured on the demo's ResNet tower: statistics drifting on small fine-tuning batches cost
+    about a point of retrieval and of zero-shot accuracy."""
     model.eval()
     model.visual.train()
+    if freeze_batchnorm:
+        for module in model.visual.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
