@@ -431,16 +431,28 @@ class Embed(Section):
 
 # --- evaluate: retrieval and zero-shot classification of any CLIP checkpoint ------------------
 
-EvalSet = Literal["coco", "flickr30k", "imagenet", "cifar10", "cifar100", "sugarcrepe"]
+EvalSet = Literal[
+    "coco_val", "flickr30k_val", "coco", "flickr30k", "imagenet", "cifar10", "cifar100", "sugarcrepe"
+]
 
 
 class Evaluate(Section):
     """Karpathy test retrieval and zero-shot classification of a clip.model checkpoint, on the
     evaluation sets that curate wrote."""
 
-    # Karpathy test sets (coco, flickr30k), zero-shot sets (imagenet, cifar10, cifar100) and the
+    # Karpathy val sets (coco_val, flickr30k_val: where choices are made), Karpathy test sets
+    # (coco, flickr30k: the readout), zero-shot sets (imagenet, cifar10, cifar100) and the
     # compositional probe (sugarcrepe).
-    datasets: list[EvalSet] = ["coco", "flickr30k", "imagenet", "cifar10", "cifar100", "sugarcrepe"]
+    datasets: list[EvalSet] = [
+        "coco_val",
+        "flickr30k_val",
+        "coco",
+        "flickr30k",
+        "imagenet",
+        "cifar10",
+        "cifar100",
+        "sugarcrepe",
+    ]
     # single: the paper's "This is a photo of a {label}"; openai: OpenAI's 80 ImageNet templates
     # as open_clip ships them, averaged per class (normalised, mean, renormalised).
     prompts: Literal["single", "openai"] = "single"
@@ -474,10 +486,16 @@ class Teacher(Section):
     region_weights: bool = True  # apply embed's region weights (as attention log-priors)
     pool_temperature: PositiveFloat = 0.1  # T of softmax(cos(x_i, mean x) / T) pooling
     aggregation_clusters: Literal[1, 3] = 1  # 3: the paper's ViT-L multi-cluster aggregation
+    # What the student is pulled toward (pipeline/teach.py): paper (the teacher conditioned on the
+    # pair's own caption), other_captions (conditioned on the image's other captions, averaged) or
+    # regions (a teacher that reads no caption)
+    target: Literal["paper", "other_captions", "regions"] = "paper"
     temperature: PositiveFloat = 0.07  # InfoNCE temperature (its initial value when learnable)
     learnable_temperature: bool = True
     epochs: PositiveInt = 5
-    use_epoch: PositiveInt = 3  # whose weights make the targets (the paper's "sweet spot": 2-3)
+    # Whose weights make the targets (the paper's "sweet spot": 2-3), or best: the epoch whose
+    # targets retrieve the held-out images' unseen captions best
+    use_epoch: PositiveInt | Literal["best"] = 3
     batch_size: Annotated[int, Field(ge=2, strict=True)] = 128
     lr: PositiveFloat = 5e-4
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
@@ -492,17 +510,29 @@ class Teacher(Section):
 
     @field_validator("use_epoch")
     @classmethod
-    def _epoch_exists(cls, v: int, info: ValidationInfo) -> int:
+    def _epoch_exists(cls, v: int | str, info: ValidationInfo) -> int | str:
         epochs = info.data.get("epochs")
-        if epochs is not None and v > epochs:
+        if isinstance(v, int) and epochs is not None and v > epochs:
             raise ValueError(f"exceeds teacher.epochs ({epochs})")
         return v
+
+    @model_validator(mode="after")
+    def _target_reads_what_it_needs(self) -> Teacher:
+        if self.target == "regions" and self.attention in ("text_to_regions", "regions_to_text"):
+            raise ValueError(
+                f"attention {self.attention!r} needs caption tokens, which a regions target does not "
+                "read: bidirectional (regions attend to each other) or none"
+            )
+        return self
 
 
 class Distill(Section):
     """The student: clip.model from clip.pretrained, image tower fine-tuned, text tower frozen."""
 
     trainable_blocks: Count | None = None  # the last N image-tower blocks (and its head); null: all
+    # BatchNorm running statistics stay the base model's (its layers in eval mode while training):
+    # statistics of small fine-tuning batches would drift from what the base was trained with
+    freeze_batchnorm: bool = True
     lambda_cos: Annotated[float, Field(ge=0.0)] = 1.0  # pull toward the teacher; 0: the no-teacher ablation
     lambda_anchor: Annotated[float, Field(ge=0.0)] = 0.0  # stay near base CLIP (the paper's ViT-L)
     epochs: PositiveInt = 2  # the paper: 2
@@ -531,6 +561,18 @@ class Params(Section):
     evaluate: Evaluate = Evaluate()
     teacher: Teacher = Teacher()
     distill: Distill = Distill()
+
+    @model_validator(mode="after")
+    def _other_captions_need_them(self) -> Params:
+        # Only when the file sets both sections: a stage validating a few sections leaves the rest
+        # at their defaults, which must not be mistaken for the file's.
+        both = {"teacher", "curate"} <= self.model_fields_set
+        if both and self.teacher.target == "other_captions" and self.curate.captions_per_image != "all":
+            raise ValueError(
+                "teacher.target other_captions needs every caption of an image: set "
+                "curate.captions_per_image: all"
+            )
+        return self
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -1,22 +1,26 @@
-"""`dclip ablations run|list` and `dclip report --ablations`: the paper's ablations
-(pipeline/ablations.py) as DVC experiments, and their Table 4 from `dvc exp show`.
+"""`dclip ablations run|list` and `dclip report --ablations`: the paper's ablations and this
+project's variants (pipeline/ablations.py) as DVC experiments over seeds, and the study table with
+intervals from their per-query outcomes.
 
-Each ablation is one `dvc exp run --temp -n <name> -S key=value …` on the whole pipeline: DVC
-re-runs only the stages whose params the overrides touch (train_teacher, distill, evaluate@student,
-report; distill onwards for no_teacher) and restores the rest from its cache, in a temporary
-directory, so the workspace is never touched. `--temp`, not `--queue` + `dvc queue start`: the
+Each (variant, seed) is one `dvc exp run --temp -n <name>-s<seed> -S key=value …` on the whole
+pipeline: DVC re-runs only the stages whose params the overrides touch (train_teacher, distill,
+evaluate@student, report) and restores the rest from its cache, in a temporary directory, so the
+workspace is never touched. The workspace's own run is `full` with its seed when its params are
+those of `full` (then that run is not repeated). `--temp`, not `--queue` + `dvc queue start`: the
 runs go one after another in the foreground, each one's output and exit status seen as it ends;
 a queue's parallel workers would only compete for the one CPU or GPU each stage already fills,
 and its failures surface later in `dvc queue logs`, from a background worker left running.
 (`dclip ablations run --dry-run` prints the commands, for whoever wants to queue them.)
 
-The table's rows come from `dvc exp show --json` for the workspace's baseline commit: an
-experiment named after an ablation gives that row (its metrics/student.json); the workspace gives
-`full` (metrics/student.json) and the base CLIP (metrics/base.json).
+The table comes from the experiments of the workspace's baseline commit (`dvc exp show --json`):
+an experiment named `<variant>-s<seed>` gives that run, its per-query outcomes read from its own git
+commit (metrics/queries/student.parquet, a git-tracked output of evaluate@student); the workspace
+gives the base CLIP (metrics/queries/base.parquet) and its own `full` run.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
@@ -26,13 +30,29 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import typer
+import yaml
 
-from pipeline.ablations import ABLATIONS, BY_NAME, FULL, REFERENCE, overrides, resolve, table, to_markdown
+from pipeline.ablations import (
+    ABLATIONS,
+    FULL,
+    REFERENCE,
+    SEED_KEYS,
+    get_dotted,
+    mismatches,
+    overrides,
+    parse_run_name,
+    resolve,
+    run_name,
+    study_table,
+    to_markdown,
+)
 from stages.outputs import write_json
 
-METRICS = "metrics/student.json"  # the evaluate@student output of every run
-BASE_METRICS = "metrics/base.json"
+QUERIES = "metrics/queries/student.parquet"  # the evaluate@student output of every run
+BASE_QUERIES = "metrics/queries/base.parquet"
 PARAMS = "params.yaml"
 _PLAIN = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./")
 _HYDRA_WORDS = {"true", "false", "null", "nan", "inf"}
@@ -61,10 +81,11 @@ def set_param_args(changes: Mapping[str, Any]) -> list[str]:
     return [arg for key, value in changes.items() for arg in ("-S", f"{key}={hydra_value(value)}")]
 
 
-def exp_run_command(name: str) -> list[str]:
+def exp_run_command(name: str, seed: int) -> list[str]:
     """The target is dvc.yaml (its stages and whatever they depend on): on a paper run, the demo
     world's stage, which nothing there depends on, stays out, as with `dvc repro dvc.yaml`."""
-    return ["dvc", "exp", "run", "--temp", "-n", name, *set_param_args(overrides(name)), "dvc.yaml"]
+    run = run_name(name, seed)
+    return ["dvc", "exp", "run", "--temp", "-n", run, *set_param_args(overrides(name, seed)), "dvc.yaml"]
 
 
 def _env() -> dict[str, str]:
@@ -107,69 +128,142 @@ def experiments(states: list[Mapping]) -> tuple[dict, str | None, dict[str, Mapp
     return workspace, (base or {}).get("rev"), found
 
 
-def collect(root: Path = Path(".")) -> tuple[dict, dict, str | None, dict[str, str]]:
-    """({variant: metrics}, {variant: params}, baseline commit, {experiment name: its ref}) from
-    the workspace and its baseline's experiments."""
-    out = _dvc(["exp", "show", "--json"], root, capture=True)
+def _git_show(root: Path, ref: str, path: str) -> bytes | None:
+    out = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=root, capture_output=True)
+    return out.stdout if out.returncode == 0 else None
+
+
+def _read_queries(data: bytes | None) -> pa.Table | None:
+    return None if data is None else pq.read_table(io.BytesIO(data))
+
+
+def workspace_seed(params: Mapping) -> int | None:
+    """The seed of the workspace's run if its params are those of `full` with that seed."""
+    try:
+        seeds = {get_dotted(params, key) for key in SEED_KEYS}
+    except KeyError:
+        return None
+    if len(seeds) != 1:
+        return None
+    seed = seeds.pop()
+    return seed if isinstance(seed, int) and not mismatches(FULL, params, seed) else None
+
+
+def _baseline_file(root: Path, rev: str | None, path: str) -> bytes | None:
+    """A file of the workspace (rev None) or of commit `rev`."""
+    if rev is None:
+        return (root / path).read_bytes() if (root / path).is_file() else None
+    return _git_show(root, rev, path)
+
+
+def collect(
+    root: Path = Path("."), rev: str | None = None
+) -> tuple[dict, dict, str | None, dict[tuple[str, int], str]]:
+    """({variant: {seed: queries table}}, {variant: {seed: params}}, baseline commit,
+    {(variant, seed): experiment ref}) from the experiments of baseline `rev` (None: HEAD), with the
+    base CLIP's and `full`'s own run from the workspace (rev None) or from that commit."""
+    out = _dvc(["exp", "show", "--json", *(["--rev", rev] if rev else [])], root, capture=True)
     if out.returncode != 0:
         raise AblationError(f"`dvc exp show --json` failed in {root}:\n{out.stderr.strip()}")
-    workspace, baseline, found = experiments(json.loads(out.stdout))
-    results = {REFERENCE: _file_data(workspace, "metrics", BASE_METRICS)}
-    results[FULL] = _file_data(workspace, "metrics", METRICS)
-    params = {FULL: _file_data(workspace, "params", PARAMS) or {}}
-    for name, state in found.items():
-        if name in BY_NAME and name != FULL:  # the workspace is `full`
-            results[name] = _file_data(state, "metrics", METRICS)
-            params[name] = _file_data(state, "params", PARAMS) or {}
-    refs = {name: f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}" for name in found} if baseline else {}
-    return results, params, baseline, refs
+    _, baseline, found = experiments(json.loads(out.stdout))
+    source = baseline if rev else None
+    queries: dict[str, dict[int, pa.Table]] = {}
+    params: dict[str, dict[int, Mapping]] = {}
+    base = _read_queries(_baseline_file(root, source, BASE_QUERIES))
+    if base is not None:
+        queries[REFERENCE] = {0: base}
+    raw = _baseline_file(root, source, PARAMS)
+    ws_params = (yaml.safe_load(raw) if raw else None) or {}
+    ws_seed = workspace_seed(ws_params)
+    full = _read_queries(_baseline_file(root, source, QUERIES))
+    if ws_seed is not None and full is not None:
+        queries.setdefault(FULL, {})[ws_seed] = full
+        params.setdefault(FULL, {})[ws_seed] = ws_params
+    refs: dict[tuple[str, int], str] = {}
+    for exp_name, state in found.items():
+        parsed = parse_run_name(exp_name)
+        if parsed is None or baseline is None:
+            continue
+        ref = f"refs/exps/{baseline[:2]}/{baseline[2:]}/{exp_name}"
+        refs[parsed] = ref
+        table = _read_queries(_git_show(root, ref, QUERIES))
+        if table is not None:
+            name, seed = parsed
+            queries.setdefault(name, {})[seed] = table
+            params.setdefault(name, {})[seed] = _file_data(state, "params", PARAMS) or {}
+    return queries, params, baseline, refs
 
 
 # --- commands -------------------------------------------------------------------------------------
 
 
+def planned(names: list[str] | None, seeds: int, root: Path) -> list[tuple[str, int]]:
+    """(variant, seed) runs to make: every named variant (default: all) with seeds 0 … seeds-1,
+    less the workspace's own run."""
+    ws = yaml.safe_load((root / PARAMS).read_text()) if (root / PARAMS).is_file() else {}
+    ws_seed = workspace_seed(ws or {})
+    return [
+        (a.name, seed)
+        for a in resolve(names)
+        for seed in range(seeds)
+        if not (a.name == FULL and seed == ws_seed)
+    ]
+
+
 def run(
-    names: list[str] | None = None, root: Path = Path("."), skip_existing: bool = False, dry_run: bool = False
+    names: list[str] | None = None,
+    seeds: int = 1,
+    root: Path = Path("."),
+    skip_existing: bool = False,
+    dry_run: bool = False,
 ) -> list[str]:
-    """Run the named ablations (default: all but `full`, the workspace's own `dvc repro`)
-    as DVC experiments, one after another. One already made for this baseline is replaced (DVC's
-    run-cache makes an unchanged rerun cheap) unless skip_existing. A failed run does not stop the
-    others; the failures are raised together at the end."""
-    chosen = [a.name for a in resolve(names) if a.name != FULL]
-    if names and FULL in names:
-        typer.echo("full: the workspace's own run, not an experiment: `dvc repro dvc.yaml` makes it")
+    """Run the named variants (default: all) with seeds 0 … seeds-1 as DVC experiments, one after
+    another. One already made for this baseline is replaced (DVC's run-cache makes an unchanged
+    rerun cheap) unless skip_existing. A failed run does not stop the others; the failures are
+    raised together at the end."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    chosen = planned(names, seeds, root)
     if dry_run:
-        for name in chosen:
-            typer.echo(shlex.join(exp_run_command(name)))
+        for name, seed in chosen:
+            typer.echo(shlex.join(exp_run_command(name, seed)))
         return []
     _, _, _, refs = collect(root)
     done, failed = [], []
-    for name in chosen:
-        if name in refs:
+    for name, seed in chosen:
+        label = run_name(name, seed)
+        if (name, seed) in refs:
             if skip_existing:
-                typer.echo(f"{name}: already run for this commit; skipped")
+                typer.echo(f"{label}: already run for this commit; skipped")
                 continue
-            removed = _dvc(["exp", "remove", refs[name]], root, capture=True)
+            removed = _dvc(["exp", "remove", refs[(name, seed)]], root, capture=True)
             if removed.returncode != 0:
-                raise AblationError(f"could not replace experiment {name}:\n{removed.stderr.strip()}")
-        cmd = exp_run_command(name)
+                raise AblationError(f"could not replace experiment {label}:\n{removed.stderr.strip()}")
+        cmd = exp_run_command(name, seed)
         typer.echo(f"$ {shlex.join(cmd)}")
         result = _dvc(cmd[1:], root, capture=False)
-        (done if result.returncode == 0 else failed).append(name)
+        (done if result.returncode == 0 else failed).append(label)
         if result.returncode != 0:
-            typer.echo(f"{name}: failed (exit {result.returncode}); going on with the rest", err=True)
+            typer.echo(f"{label}: failed (exit {result.returncode}); going on with the rest", err=True)
     if failed:
         raise AblationError(
-            f"ablation(s) failed: {', '.join(failed)} (done: {', '.join(done) or 'none'}); "
-            f"rerun with `dclip ablations run {' '.join(failed)}`"
+            f"run(s) failed: {', '.join(failed)} (done: {', '.join(done) or 'none'}); rerun them with "
+            "`dclip ablations run NAME --seeds N --skip-existing`"
         )
     return done
 
 
-def report(names: list[str] | None = None, out_dir: Path = Path("metrics"), root: Path = Path(".")) -> dict:
-    """metrics/ablations.json and metrics/ablations.md from the experiments found."""
-    results, params, baseline, _ = collect(root)
-    t = table(results, names or None, params, baseline)
+def report(
+    names: list[str] | None = None,
+    out_dir: Path = Path("metrics"),
+    root: Path = Path("."),
+    seeds: int = 1,
+    rev: str | None = None,
+) -> dict:
+    """metrics/ablations.json and metrics/ablations.md from the runs found (of baseline `rev`;
+    None: HEAD and the workspace)."""
+    queries, params, baseline, _ = collect(root, rev)
+    t = study_table(queries, names or None, params, baseline, seeds_asked=seeds)
     write_json(out_dir / "ablations.json", t)
     markdown = to_markdown(t)
     tmp = out_dir / f".ablations.md.tmp-{os.getpid()}"
@@ -185,7 +279,7 @@ def describe() -> str:
     """Every ablation, its overrides and its command, one a line."""
     lines = []
     for a in ABLATIONS:
-        how = "the workspace: dvc repro dvc.yaml" if a.name == FULL else shlex.join(exp_run_command(a.name))
+        how = shlex.join(exp_run_command(a.name, 0))
         extra = "" if a.paper else "  [not in the paper]"
         lines.append(f"{a.name:<20} {a.label}{extra}\n{'':<20} {how}")
     return "\n".join(lines)

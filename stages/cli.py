@@ -18,7 +18,10 @@ app.add_typer(params_app, name="params")
 app.add_typer(demo_app, name="demo")
 config_app = typer.Typer(help="Paper recipes: params.yaml from a file in configs/.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-ablations_app = typer.Typer(help="The paper's ablations (Table 4) as DVC experiments.", no_args_is_help=True)
+ablations_app = typer.Typer(
+    help="The paper's ablations and the study's variants, over seeds, as DVC experiments.",
+    no_args_is_help=True,
+)
 app.add_typer(ablations_app, name="ablations")
 
 ParamsFile = Annotated[Path, typer.Option("--params", "-p", help="The params file to read.")]
@@ -186,19 +189,29 @@ def report(
         Path, typer.Option(help="Where the models' <model>.json are (--ablations: where its table goes).")
     ] = Path("metrics"),
     ablations: Annotated[
-        bool, typer.Option("--ablations", help="The ablations' Table 4 (from `dvc exp show`) instead.")
+        bool,
+        typer.Option("--ablations", help="The study of the variants' experiments (with intervals) instead."),
     ] = False,
+    seeds: Annotated[
+        int, typer.Option(min=1, help="With --ablations: the seeds a missing variant's command asks for.")
+    ] = 3,
+    rev: Annotated[
+        str | None,
+        typer.Option(help="With --ablations: the baseline commit whose experiments to read (default: HEAD)."),
+    ] = None,
 ) -> None:
     """Stage `report`: evaluated models side by side against the first (absolute and relative
     gains, zero-shot retention) as metrics/report.json and metrics/report.md. With --ablations:
-    the paper's Table 4 from the workspace and its ablation experiments, missing ones named."""
+    the study table (metrics/ablations.{json,md}) from the workspace and its experiments — every
+    figure over seeds with a 95 % interval, paired differences from the base and from `full` —
+    missing runs named."""
     from stages import report as stage
 
     if ablations:
         from stages import ablations as ablations_stage
 
         try:
-            ablations_stage.report(models, metrics_dir)
+            ablations_stage.report(models, metrics_dir, seeds=seeds, rev=rev)
         except (ablations_stage.AblationError, ValueError) as err:
             _fail(str(err), code=1)
         return
@@ -210,22 +223,50 @@ def report(
         _fail(str(err), code=1)
 
 
+@app.command("regions-quality")
+def regions_quality(
+    images: Annotated[
+        int, typer.Option(min=1, help="Training images to sample (each with its boxes).")
+    ] = 1000,
+    margin: Annotated[
+        list[float] | None, typer.Option(help="Context margins to measure (repeat); default 0, 0.25, 0.5, 1.")
+    ] = None,
+    seed: int = 0,
+    params: ParamsFile = Path("params.yaml"),
+) -> None:
+    """What the detector's crops carry in the base CLIP's space: zero-shot accuracy of the crops
+    among the detector's classes, by context margin (embed.context_margin), as
+    metrics/regions_quality.json. A teacher on regions can add no more than this."""
+    from stages import region_quality as stage
+
+    try:
+        stage.run(params, images, margin or [0.0, 0.25, 0.5, 1.0], seed)
+    except ParamsError as err:
+        _fail(str(err))
+    except ValueError as err:
+        _fail(str(err), code=1)
+
+
 @ablations_app.command("run")
 def ablations_run(
     names: Annotated[
         list[str] | None, typer.Argument(help="Ablations to run (default: all); `dclip ablations list`.")
     ] = None,
+    seeds: Annotated[
+        int, typer.Option(min=1, help="Seeds 0 … N-1 of each variant (teacher.seed and distill.seed).")
+    ] = 1,
     skip_existing: Annotated[
         bool, typer.Option(help="Keep an experiment already made for this commit instead of re-running it.")
     ] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the `dvc exp run` commands only.")] = False,
 ) -> None:
-    """Run ablations as DVC experiments (`dvc exp run --temp -n NAME -S …`, one after another;
-    the workspace is untouched); then `dvc exp show` and `dclip report --ablations`."""
+    """Run variants over seeds as DVC experiments (`dvc exp run --temp -n NAME-sK -S …`, one after
+    another; the workspace is untouched, and is itself `full` with its seed); then
+    `dclip report --ablations` for the study table with intervals."""
     from stages import ablations as stage
 
     try:
-        stage.run(names, skip_existing=skip_existing, dry_run=dry_run)
+        stage.run(names, seeds=seeds, skip_existing=skip_existing, dry_run=dry_run)
     except ValueError as err:
         _fail(str(err))
     except stage.AblationError as err:
@@ -251,8 +292,8 @@ def train_models(
     yolo_epochs: Annotated[int, typer.Option(min=1)] = 8,
     yolo_images: Annotated[int, typer.Option(min=1)] = 2500,
     single_object_fraction: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share of training images with one object.")
-    ] = 0.3,
+        float, typer.Option(min=0.0, max=1.0, help="Share of CLIP training images with one object.")
+    ] = 0.0,
     hard_fraction: Annotated[
         float, typer.Option(min=0.0, max=0.9, help="Share of each CLIP batch that shares one colour.")
     ] = 0.0,
@@ -260,8 +301,8 @@ def train_models(
     seed: int = 0,
     params: ParamsFile = Path("params.yaml"),
 ) -> None:
-    """Train the demo's small CLIP and YOLO from scratch on the world's pretraining split; write
-    demo/weights/*.pt with a JSON card each (command, seed, data, time, measured quality)."""
+    """Train the demo's small CLIP (on the world's web domain) and YOLO (on its curated domain) from
+    scratch; write demo/weights/*.pt with a JSON card each (command, seed, data, time, quality)."""
     from stages import demo_models as stage
 
     if only not in ("both", "clip", "yolo"):

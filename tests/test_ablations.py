@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import yaml
 
@@ -17,12 +19,15 @@ from pipeline.ablations import (
     apply_overrides,
     mismatches,
     overrides,
+    parse_run_name,
     resolve,
-    table,
+    run_name,
+    study_table,
     to_markdown,
 )
 from pipeline.config import parse_params
-from stages.ablations import exp_run_command, experiments, hydra_value, set_param_args
+from pipeline.evaluate import QUERY_SCHEMA
+from stages.ablations import exp_run_command, experiments, hydra_value, set_param_args, workspace_seed
 
 from .conftest import REPO, sh
 
@@ -40,7 +45,12 @@ def test_the_papers_rows_in_order_and_one_extra():
         "no_cross_attention",
         "no_teacher",
     ]
-    assert [a.name for a in ABLATIONS if not a.paper] == ["no_region_weights"]
+    assert [a.name for a in ABLATIONS if not a.paper] == [
+        "no_region_weights",
+        "other_captions",
+        "regions_only",
+        "strong_teacher",
+    ]
     # Each ablation changes exactly one thing of the full method.
     full = overrides(FULL)
     for a in ABLATIONS[1:]:
@@ -55,19 +65,33 @@ def test_the_papers_rows_in_order_and_one_extra():
 def test_overrides_are_valid_params_and_dvc_sets_them_the_same(name, tmp_path):
     from dvc.utils.hydra import apply_overrides as dvc_apply
 
-    ours = apply_overrides(PARAMS, overrides(name))
+    ours = apply_overrides(PARAMS, overrides(name, seed=2))
     cfg = parse_params(ours, base_dir=REPO)  # validates every section, every key
-    for key, value in overrides(name).items():
+    for key, value in overrides(name, seed=2).items():
         section, field = key.split(".")
         assert getattr(getattr(cfg, section), field) == value
-    assert mismatches(name, ours) == []
+    assert cfg.teacher.seed == cfg.distill.seed == 2
+    assert mismatches(name, ours, seed=2) == []
+    assert mismatches(name, ours, seed=0) == ["teacher.seed is 2, not 0", "distill.seed is 2, not 0"]
     # `dvc exp run -S` (Hydra's grammar, DVC's YAML writer) gives exactly the same params.
     path = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", path)
-    dvc_apply(path, [a for a in set_param_args(overrides(name)) if a != "-S"])
+    dvc_apply(path, [a for a in set_param_args(overrides(name, seed=2)) if a != "-S"])
     assert yaml.safe_load(path.read_text()) == ours
-    assert exp_run_command(name)[:6] == ["dvc", "exp", "run", "--temp", "-n", name]
-    assert exp_run_command(name)[-1] == "dvc.yaml"
+    assert exp_run_command(name, 2)[:6] == ["dvc", "exp", "run", "--temp", "-n", f"{name}-s2"]
+    assert exp_run_command(name, 2)[-1] == "dvc.yaml"
+
+
+def test_run_names_and_the_workspace_s_own_run():
+    assert run_name("no_teacher", 3) == "no_teacher-s3"
+    assert parse_run_name("no_teacher-s3") == ("no_teacher", 3)
+    assert parse_run_name("regions_only-s10") == ("regions_only", 10)
+    assert parse_run_name("no_teacher") is None and parse_run_name("mine-s1") is None
+    assert parse_run_name("no_teacher-sx") is None
+    # The workspace is `full` with its seed when its params are full's; otherwise it is no run.
+    assert workspace_seed(apply_overrides(PARAMS, overrides("full", 0))) == 0
+    assert workspace_seed(apply_overrides(PARAMS, {"teacher.seed": 1, "distill.seed": 2})) is None
+    assert workspace_seed(apply_overrides(PARAMS, {"distill.lambda_cos": 0.0})) is None
 
 
 def test_overrides_never_add_a_key():
@@ -102,7 +126,7 @@ def test_mismatches_name_what_is_not_the_variant():
     workspace = apply_overrides(PARAMS, {"teacher.attention": "none", "distill.lambda_cos": 0.0})
     assert mismatches("full", workspace) == [
         "teacher.attention is 'none', not 'bidirectional'",
-        "distill.lambda_cos is 0.0: no teacher term, so this is no 'full' run",
+        "distill.lambda_cos is 0.0, not 1.0",
     ]
     assert mismatches("no_teacher", apply_overrides(PARAMS, overrides("no_teacher"))) == []
     assert mismatches("no_region_weights", apply_overrides(PARAMS, {"teacher.region_weights": 0})) == [
@@ -110,142 +134,106 @@ def test_mismatches_name_what_is_not_the_variant():
     ]
 
 
-# --- the table ------------------------------------------------------------------------------------
+# --- the study table ------------------------------------------------------------------------------
 
 
-def metrics(t2i, i2t, flickr=None, imagenet=None, cifar10=None, sugarcrepe=None) -> dict:
-    out = {
-        "retrieval": {
-            "coco": {
-                "images": 5,
-                "captions": 25,
-                "text_to_image": {"R@1": t2i[0], "R@5": t2i[1], "R@10": 0.9},
-                "image_to_text": {"R@1": i2t[0], "R@5": i2t[1], "R@10": 0.9},
-            }
-        },
-        "zeroshot": {},
-    }
-    if flickr:
-        out["retrieval"]["flickr30k"] = {
-            "text_to_image": {"R@1": flickr[0], "R@5": flickr[1]},
-            "image_to_text": {"R@1": flickr[2], "R@5": flickr[3]},
-        }
-    for name, top1 in (("imagenet", imagenet), ("cifar10", cifar10)):
-        if top1 is not None:
-            out["zeroshot"][name] = {"images": 10, "classes": 2, "top1": top1, "top5": 1.0}
-    if sugarcrepe is not None:
-        out["probe"] = {"sugarcrepe": {"accuracy": {"swap_att": 0.1, "mean": sugarcrepe}}}
-    return out
+def queries(**per_task) -> pa.Table:
+    """A queries table: per (dataset, task) the places of its queries (probe: (category, place))."""
+    rows = {"dataset": [], "task": [], "category": [], "query": [], "place": []}
+    for key, places in per_task.items():
+        dataset, task = key.split("__")
+        for q, place in enumerate(places):
+            category, place = place if isinstance(place, tuple) else (None, place)
+            for col, v in zip(rows, (dataset, task, category, q, place)):
+                rows[col].append(v)
+    return pa.table(rows, schema=QUERY_SCHEMA)
 
 
-RESULTS = {
-    "base": metrics((0.1, 0.3), (0.2, 0.4), (0.3, 0.5, 0.4, 0.6), imagenet=0.5, cifar10=0.8, sugarcrepe=0.6),
-    "full": metrics(
-        (0.2, 0.5), (0.25, 0.45), (0.4, 0.6, 0.5, 0.7), imagenet=0.45, cifar10=0.8, sugarcrepe=0.7
-    ),
-    "no_teacher": metrics((0.15, 0.4), (0.2, 0.4), imagenet=0.4, cifar10=0.4),  # no Flickr, no probe
-    "no_yolo": None,  # asked for and not found
+def evaluation(t2i, zero, probe=None):
+    extra = {"sugarcrepe__probe": probe} if probe else {}
+    return queries(coco_val__text_to_image=t2i, coco__text_to_image=t2i, imagenet__zero_shot=zero, **extra)
+
+
+BASE = evaluation([0, 1, 1, 0, 3, 1], [0, 0, 0, 1], [("swap_att", 0), ("swap_att", 1), ("add_obj", 0)])
+FULL_RUNS = {
+    0: evaluation([0, 0, 1, 0, 0, 1], [0, 0, 1, 1], [("swap_att", 0), ("swap_att", 0), ("add_obj", 0)]),
+    1: evaluation([0, 0, 0, 0, 0, 1], [0, 0, 0, 1], [("swap_att", 0), ("swap_att", 1), ("add_obj", 0)]),
 }
-KEYS = [
-    "coco_text_to_image_R@1",
-    "coco_text_to_image_R@5",
-    "coco_image_to_text_R@1",
-    "coco_image_to_text_R@5",
-    "flickr30k_text_to_image_R@1",
-    "flickr30k_text_to_image_R@5",
-    "flickr30k_image_to_text_R@1",
-    "flickr30k_image_to_text_R@5",
-    "imagenet_top1",
-    "cifar10_top1",
-    "sugarcrepe_mean",
-    "zeroshot_top1_retention",
-]
 
 
-def test_table_cells_exact_with_missing_variants():
-    t = table(RESULTS, ["full", "no_yolo", "no_teacher"], baseline="0123456789abcdef")
-    assert [c["key"] for c in t["columns"]] == KEYS
-    assert t["columns_without_values"] == ["cifar100_top1"]  # nobody evaluated CIFAR-100
+def test_study_figures_exact_over_seeds_with_missing_variants():
+    t = study_table(
+        {"base": {0: BASE}, "full": FULL_RUNS, "no_teacher": {0: FULL_RUNS[1]}},
+        ["full", "no_yolo", "no_teacher"],
+        baseline="0123456789abcdef",
+        seeds_asked=3,
+        replicates=300,
+    )
+    rows = {r["name"]: r for r in t["rows"]}
     assert [r["name"] for r in t["rows"]] == ["base", "full", "no_yolo", "no_teacher"]
-    cells = {r["name"]: [r["cells"][k] for k in KEYS] for r in t["rows"]}
-    assert cells["base"] == [0.1, 0.3, 0.2, 0.4, 0.3, 0.5, 0.4, 0.6, 0.5, 0.8, 0.6, 1.0]
-    # retention: mean(0.45 / 0.5, 0.8 / 0.8) = 0.95
-    assert cells["full"] == [0.2, 0.5, 0.25, 0.45, 0.4, 0.6, 0.5, 0.7, 0.45, 0.8, 0.7, 0.95]
-    assert cells["no_yolo"] == [None] * 12
-    # mean(0.4 / 0.5, 0.4 / 0.8) = 0.65
-    assert cells["no_teacher"] == [0.15, 0.4, 0.2, 0.4, None, None, None, None, 0.4, 0.4, None, 0.65]
     assert [r["status"] for r in t["rows"]] == ["present", "present", "missing", "present"]
+    assert rows["full"]["seeds"] == [0, 1] and rows["base"]["seeds"] == [0]
+    coco = rows["full"]["figures"]["coco_val_t2i_R@1"]
+    assert coco["seeds"] == [4 / 6, 5 / 6] and coco["mean"] == pytest.approx(0.75)
+    assert rows["base"]["figures"]["coco_val_t2i_R@1"]["mean"] == 2 / 6
+    assert coco["differences"]["base"]["mean"] == pytest.approx(0.75 - 2 / 6)
+    # The probe: the mean over categories of each category's accuracy.
+    assert rows["base"]["figures"]["sugarcrepe_mean"]["mean"] == pytest.approx((0.5 + 1) / 2)
+    assert rows["full"]["figures"]["sugarcrepe_mean"]["seeds"] == pytest.approx([1.0, 0.75])
+    # Retention: top-1 ÷ the base's (0.75), per seed then averaged: (0.5 + 0.75) / 2 / 0.75.
+    assert rows["full"]["figures"]["zeroshot_top1_retention"]["mean"] == pytest.approx(0.625 / 0.75)
+    # Differences from base and from full; full has none from itself.
+    assert set(rows["no_teacher"]["figures"]["coco_t2i_R@1"]["differences"]) == {"base", "full"}
+    assert "full" not in rows["full"]["figures"]["coco_t2i_R@1"]["differences"]
+    assert "coco_t2i_R@5" in t["figures_without_values"] or rows["base"]["figures"].get("coco_t2i_R@5")
+    assert "flickr30k_val_t2i_R@1" in t["figures_without_values"]
     assert t["missing"] == [
         {
             "name": "no_yolo",
             "label": "w/o YOLO regions (whole image)",
-            "command": "dclip ablations run no_yolo",
+            "command": "dclip ablations run no_yolo --seeds 3",
         }
     ]
-    assert t["rows"][3]["overrides"]["distill.lambda_cos"] == 0.0
     json.dumps(t)  # JSON-ready
 
 
-def test_every_variant_by_default_and_missing_reference():
-    t = table({"no_teacher": RESULTS["no_teacher"]})
+def test_every_variant_by_default_and_warnings_per_seed():
+    workspace = apply_overrides(
+        PARAMS, {"teacher.regions": "whole_image", "teacher.seed": 1, "distill.seed": 1}
+    )
+    t = study_table({"full": {1: FULL_RUNS[1]}}, params={"full": {1: workspace}}, replicates=100)
     assert [r["name"] for r in t["rows"]] == ["base", *(a.name for a in ABLATIONS)]
-    assert [m["name"] for m in t["missing"]] == [
-        "base",
-        "full",
-        "no_yolo",
-        "no_bidirectional",
-        "no_cross_attention",
-        "no_region_weights",
-    ]
-    assert t["missing"][:2] == [
-        {"name": "base", "label": "CLIP (base)", "command": "dvc repro evaluate@base"},
-        {"name": "full", "label": "DCLIP (full)", "command": "dvc repro dvc.yaml"},
-    ]
-    # No reference, so no retention anywhere: the column goes, and says so.
-    assert t["columns_without_values"] == [
-        *(k for k in KEYS if k.startswith("flickr30k")),
-        "cifar100_top1",
-        "sugarcrepe_mean",
-        "zeroshot_top1_retention",
-    ]
-    # Nothing at all: every column stays, every row is missing.
-    empty = table({})
-    assert len(empty["columns"]) == 13 and all(r["status"] == "missing" for r in empty["rows"])
+    assert [m["name"] for m in t["missing"]] == ["base", *(a.name for a in ABLATIONS if a.name != "full")]
+    assert t["missing"][0] == {"name": "base", "label": "CLIP (base)", "command": "dvc repro evaluate@base"}
+    assert t["rows"][1]["warnings"] == ["seed 1: teacher.regions is 'whole_image', not 'yolo'"]
+    # No base run: no differences from it, and no retention.
+    assert "zeroshot_top1_retention" in t["figures_without_values"]
+    assert t["rows"][1]["figures"]["coco_t2i_R@1"]["differences"] == {}
 
 
-def test_markdown_rows_missing_and_warnings():
-    workspace = apply_overrides(PARAMS, {"teacher.regions": "whole_image"})
-    t = table(
-        RESULTS, ["full", "no_yolo", "no_teacher"], params={"full": workspace}, baseline="0123456789abcdef"
+def test_markdown_sections_intervals_and_differences():
+    t = study_table(
+        {"base": {0: BASE}, "full": FULL_RUNS, "no_teacher": {0: FULL_RUNS[1]}},
+        ["full", "no_yolo", "no_teacher"],
+        baseline="0123456789abcdef",
+        replicates=300,
     )
     md = to_markdown(t)
     lines = md.splitlines()
-    assert lines[0] == "# Ablations (the paper's Table 4 layout)"
-    assert "of baseline commit `0123456`." in lines[2]
-    assert lines[4] == (
-        "| variant | COCO T→I R@1 | COCO T→I R@5 | COCO I→T R@1 | COCO I→T R@5 | Flickr30k T→I R@1 "
-        "| Flickr30k T→I R@5 | Flickr30k I→T R@1 | Flickr30k I→T R@5 | ImageNet top-1 | CIFAR-10 top-1 "
-        "| SugarCrepe mean | zero-shot retention |"
-    )
-    assert lines[5] == "| --- |" + " ---: |" * 12
-    assert (
-        lines[6]
-        == "| CLIP (base) | 10.00 | 30.00 | 20.00 | 40.00 | 30.00 | 50.00 | 40.00 | 60.00 | 50.00 | 80.00 | 60.00 | 1.000 |"
-    )
-    assert (
-        lines[7]
-        == "| DCLIP (full) | 20.00 | 50.00 | 25.00 | 45.00 | 40.00 | 60.00 | 50.00 | 70.00 | 45.00 | 80.00 | 70.00 | 0.950 |"
-    )
-    assert lines[8] == "| w/o YOLO regions (whole image) (`no_yolo`) |" + " – |" * 12
-    assert (
-        lines[9]
-        == "| w/o teacher (λ_cos = 0) (`no_teacher`) | 15.00 | 40.00 | 20.00 | 40.00 | – | – | – | – | 40.00 | 40.00 | – | 0.650 |"
-    )
-    assert "- `no_yolo` (w/o YOLO regions (whole image)): `dclip ablations run no_yolo`" in lines
-    assert "- `full`: teacher.regions is 'whole_image', not 'yolo'" in lines
-    assert lines[-1] == "No values (not evaluated): `cifar100_top1`."
-    extra = to_markdown(table(RESULTS, ["no_region_weights"]))
-    assert "| w/o region weights † (`no_region_weights`) |" in extra
+    assert lines[0] == "# The study: DCLIP's variants over seeds, with intervals"
+    assert "Experiments of baseline commit `0123456`." in lines[2]
+    assert "## Validation (Karpathy val: where every choice is made)" in lines
+    assert "## Test (Karpathy test: the readout)" in lines
+    row = next(line for line in lines if line.startswith("| DCLIP (full), 2 seeds |"))
+    lo, hi = t["rows"][1]["figures"]["coco_val_t2i_R@1"]["interval"]
+    sd = 100 * float(np.std([4 / 6, 5 / 6], ddof=1))
+    assert row.startswith(f"| DCLIP (full), 2 seeds | 75.0 [{100 * lo:.1f}, {100 * hi:.1f}] ±{sd:.1f} |")
+    assert "Difference from the base CLIP, percentage points:" in lines
+    assert "Difference from `full`, percentage points:" in lines
+    assert any(line.startswith("| w/o teacher (λ_cos = 0) (`no_teacher`), 1 seed | ") for line in lines)
+    assert "- `no_yolo` (w/o YOLO regions (whole image)): `dclip ablations run no_yolo --seeds 1`" in lines
+    extra = to_markdown(study_table({"regions_only": {0: BASE}}, ["regions_only"], replicates=50))
+    assert "| teacher target: regions only, no caption † (`regions_only`), 1 seed |" in extra
 
 
 def test_experiments_from_exp_show_json():
@@ -284,8 +272,8 @@ def test_no_teacher_runs_as_a_dvc_experiment_and_reports(reproduced):
     git_before = sh(["git", "status", "--porcelain"], root)
     out_files = [root / "metrics" / "ablations.md", root / "metrics" / "ablations.json"]
     try:
-        out = sh(["dclip", "ablations", "run", "no_teacher"], root)
-        # Only what λ_cos feeds re-ran: distill, evaluate@student, report.
+        out = sh(["dclip", "ablations", "run", "no_teacher", "--seeds", "1"], root)
+        # Only what λ_cos (and the seed, the workspace's own) feeds re-ran: distill onwards.
         for stage in ("distill", "evaluate@student", "report"):
             assert f"Running stage '{stage}'" in out, out
         for stage in ("curate", "detect", "embed", "train_teacher", "evaluate@base"):
@@ -293,48 +281,53 @@ def test_no_teacher_runs_as_a_dvc_experiment_and_reports(reproduced):
         shown = sh(
             ["dvc", "exp", "show", "--csv"], root
         ).splitlines()  # the text table is cut to the terminal
-        assert [line.split(",")[0] for line in shown[1:]] == ["", "", "no_teacher"]  # workspace, HEAD, it
+        assert [line.split(",")[0] for line in shown[1:]] == ["", "", "no_teacher-s0"]  # workspace, HEAD, it
 
-        report = sh(["dclip", "report", "--ablations"], root)
+        report = sh(["dclip", "report", "--ablations", "--seeds", "1"], root)
         t = json.loads(out_files[1].read_text())
         rows = {r["name"]: r for r in t["rows"]}
         assert [rows[n]["status"] for n in ("base", "full", "no_teacher")] == ["present"] * 3
+        assert rows["full"]["seeds"] == [0] and rows["no_teacher"]["seeds"] == [0]
         assert all(not r["warnings"] for r in t["rows"])
-        assert {m["name"] for m in t["missing"]} == {
-            "no_yolo",
-            "no_bidirectional",
-            "no_cross_attention",
-            "no_region_weights",
-        }
+        assert {m["name"] for m in t["missing"]} == {a.name for a in ABLATIONS} - {"full", "no_teacher"}
         # The row is the experiment's own evaluation, read here straight from its git commit.
         ref = next(
             r
             for r in sh(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], root).split()
-            if r.endswith("/no_teacher")
+            if r.endswith("/no_teacher-s0")
         )
-        assert yaml.safe_load(sh(["git", "show", f"{ref}:params.yaml"], root))["distill"]["lambda_cos"] == 0.0
+        exp_params = yaml.safe_load(sh(["git", "show", f"{ref}:params.yaml"], root))
+        assert exp_params["distill"]["lambda_cos"] == 0.0 and exp_params["distill"]["seed"] == 0
         exp = json.loads(sh(["git", "show", f"{ref}:metrics/student.json"], root))
         workspace = json.loads((root / "metrics" / "student.json").read_text())
         for name, source in (("no_teacher", exp), ("full", workspace)):
-            assert (
-                rows[name]["cells"]["coco_text_to_image_R@1"]
-                == source["retrieval"]["coco"]["text_to_image"]["R@1"]
-            )
-            assert rows[name]["cells"]["imagenet_top1"] == source["zeroshot"]["imagenet"]["top1"]
-        r1 = 100 * exp["retrieval"]["coco"]["text_to_image"]["R@1"]
+            for figure, path in (
+                ("coco_t2i_R@1", ("retrieval", "coco", "text_to_image", "R@1")),
+                ("coco_val_i2t_R@1", ("retrieval", "coco_val", "image_to_text", "R@1")),
+                ("imagenet_top1", ("zeroshot", "imagenet", "top1")),
+            ):
+                value = source
+                for part in path:
+                    value = value[part]
+                assert rows[name]["figures"][figure]["mean"] == pytest.approx(value, abs=5e-5)
+        assert "differences" in rows["no_teacher"]["figures"]["coco_t2i_R@1"]
+        assert set(rows["no_teacher"]["figures"]["coco_t2i_R@1"]["differences"]) == {"base", "full"}
         md = out_files[0].read_text()
-        assert f"| w/o teacher (λ_cos = 0) (`no_teacher`) | {r1:.2f} |" in md
-        assert "- `no_yolo` (w/o YOLO regions (whole image)): `dclip ablations run no_yolo`" in md
+        assert "| w/o teacher (λ_cos = 0) (`no_teacher`), 1 seed |" in md
+        assert "- `no_yolo` (w/o YOLO regions (whole image)): `dclip ablations run no_yolo --seeds 1`" in md
         assert md in report
+        # The same study read from the baseline commit itself (the workspace is that commit).
+        sh(["dclip", "report", "--ablations", "--seeds", "1", "--rev", "HEAD"], root)
+        assert json.loads(out_files[1].read_text())["rows"] == t["rows"]
 
         # Already made for this commit: kept, nothing run.
-        again = sh(["dclip", "ablations", "run", "no_teacher", "--skip-existing"], root)
-        assert "no_teacher: already run for this commit; skipped" in again and "Running stage" not in again
+        again = sh(["dclip", "ablations", "run", "no_teacher", "--seeds", "1", "--skip-existing"], root)
+        assert "no_teacher-s0: already run for this commit; skipped" in again and "Running stage" not in again
     finally:
         for path in out_files:
             path.unlink(missing_ok=True)
         refs = sh(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], root).split()
-        made = [r for r in refs if r.endswith("/no_teacher")]
+        made = [r for r in refs if r.endswith("/no_teacher-s0")]
         if made:
             sh(["dvc", "exp", "remove", *made], root)
     # The workspace was never touched.

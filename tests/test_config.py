@@ -32,19 +32,21 @@ def test_default_params_are_valid():
 
 def test_default_curate_and_sources_point_at_the_demo_world():
     params = load_params(REPO / "params.yaml")
-    assert params.curate.captions_per_image == 1
-    assert (params.curate.mix.coco, params.curate.mix.flickr30k, params.curate.mix.cc) == (2500, 1000, 1000)
+    # Every caption of an image (distill draws one per image per step): 2,500 COCO and 1,000 Flickr30k
+    # images with five captions each, 1,000 CC images with one.
+    assert params.curate.captions_per_image == "all"
+    assert (params.curate.mix.coco, params.curate.mix.flickr30k, params.curate.mix.cc) == (12500, 5000, 1000)
     assert params.curate.caption.max_tokens is None
     assert params.sources.karpathy.folder == "demo/raw/karpathy"
     assert params.sources.karpathy.coco == "dataset_coco.json"
     assert params.sources.karpathy.coco_test is None and params.sources.karpathy.flickr30k_test is None
     assert params.sources.cifar100.folder == "demo/raw/cifar-100-python"
     raw = default_raw()
-    raw["curate"]["captions_per_image"] = "all"
+    raw["curate"]["captions_per_image"] = 1
     raw["sources"]["coco"]["unknown"] = 1
     assert "sources.coco.unknown: unknown key (value 1)" in refused(raw)
     del raw["sources"]["coco"]["unknown"]
-    assert parse_params(raw, base_dir=REPO).curate.captions_per_image == "all"
+    assert parse_params(raw, base_dir=REPO).curate.captions_per_image == 1
 
 
 def test_empty_file_takes_every_default(tmp_path):
@@ -62,7 +64,7 @@ def test_empty_file_takes_every_default(tmp_path):
         (("world", "image_size"), [200, 100], "world.image_size: must be [min, max] with 32 <= min <= max, got [200, 100]"),
         (("world", "image_size"), [100, 120, 140], "world.image_size: Tuple should have at most 2 items"),
         (("world", "max_objects"), 5, "world.max_objects: Input should be less than or equal to 4 (value 5)"),
-        (("world", "coco", "karpathy_test"), 1400, "world.coco: karpathy_val + karpathy_test (1650) exceeds val2014 (1500)"),
+        (("world", "coco", "karpathy_test"), 1400, "world.coco: karpathy_val + karpathy_test (1900) exceeds val2014 (1750)"),
         (("world", "planted_duplicates"), 1200, "world: planted_duplicates (1200) exceeds the smallest"),
         (("clip", "model"), "ViT-Q-99", "clip.model: unknown open_clip model 'ViT-Q-99' (value 'ViT-Q-99')"),
         (("clip", "pretrained"), "weights/missing.pt", "clip.pretrained: weights file 'weights/missing.pt' does not exist"),
@@ -179,3 +181,32 @@ def test_only_validates_the_named_sections(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ParamsError, match="world.seed"):
         load_params(path, only=("world",))
+
+
+def test_teacher_targets_and_the_epoch_choice():
+    params = load_params(REPO / "params.yaml")
+    assert params.teacher.target == "paper" and params.distill.freeze_batchnorm is True
+    raw = default_raw()
+    raw["teacher"]["use_epoch"] = "best"
+    raw["teacher"]["target"] = "regions"
+    cfg = parse_params(raw, base_dir=REPO)
+    assert (cfg.teacher.use_epoch, cfg.teacher.target) == ("best", "regions")
+    raw["teacher"]["use_epoch"] = "last"
+    assert "teacher.use_epoch" in refused(raw)
+    raw = default_raw()
+    raw["teacher"]["target"] = "regions"
+    raw["teacher"]["attention"] = "text_to_regions"
+    assert "attention 'text_to_regions' needs caption tokens" in refused(raw)
+    raw = default_raw()
+    raw["teacher"]["target"] = "own_caption"
+    assert "teacher.target" in refused(raw)
+
+
+def test_other_captions_need_every_caption_of_an_image():
+    raw = default_raw()
+    raw["teacher"]["target"] = "other_captions"
+    assert parse_params(raw, base_dir=REPO).teacher.target == "other_captions"
+    raw["curate"]["captions_per_image"] = 1
+    assert "other_captions needs every caption of an image" in refused(raw)
+    # A stage validating only the teacher section cannot know curate's setting: no error there.
+    assert parse_params({"teacher": raw["teacher"]}, base_dir=REPO).teacher.target == "other_captions"
