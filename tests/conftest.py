@@ -70,8 +70,10 @@ PROJECT_FILES = [
     "pipeline",
     "stages",
 ]
-# Small enough for the tiny world: each source fills its count.
-CURATE_MIX = {"coco": 10, "flickr30k": 6, "cc": 6}
+# Small enough for the tiny world: each source fills its count. Pairs: every caption of an image
+# (params.yaml's captions_per_image: all), so 4 COCO and 2 Flickr30k images of 5 captions, 6 CC
+# images of one.
+CURATE_MIX = {"coco": 20, "flickr30k": 10, "cc": 6}
 
 
 def sh(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
@@ -96,7 +98,7 @@ def make_pipeline_repo(root: Path) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["world"] = {**TINY_WORLD, "out": params["world"]["out"]}
     params["curate"].update(mix=CURATE_MIX, shard_size=8)
-    params["teacher"].update(epochs=2, use_epoch=1, batch_size=8, heads=4, val_fraction=0.2, warmup_steps=1)
+    params["teacher"].update(epochs=2, use_epoch=1, batch_size=8, heads=4, val_fraction=0.3, warmup_steps=1)
     params["distill"].update(epochs=1, batch_size=8, warmup_steps=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q"], root)

@@ -83,7 +83,17 @@ def test_paper_recipe_settings(name):
     assert (p.distill.epochs, p.distill.batch_size, p.distill.accumulate) == (2, 32, 1)
     assert (p.distill.lambda_cos, p.distill.lambda_anchor) == (1.0, anchor)
     assert p.evaluate.prompts == "single"
-    assert p.evaluate.datasets == ["coco", "flickr30k", "imagenet", "cifar10", "cifar100", "sugarcrepe"]
+    assert p.evaluate.datasets == [
+        "coco_val",
+        "flickr30k_val",
+        "coco",
+        "flickr30k",
+        "imagenet",
+        "cifar10",
+        "cifar100",
+        "sugarcrepe",
+    ]
+    assert p.teacher.target == "paper" and p.teacher.use_epoch == 3
     devices = {p.detect.device, p.embed.device, p.teacher.device, p.distill.device, p.evaluate.device}
     assert devices == {"auto"} and p.distill.amp == "auto"
     # OpenAI's weights need QuickGELU; the plain config is refused by validation.

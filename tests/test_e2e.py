@@ -31,18 +31,26 @@ def test_repro_runs_every_stage_then_nothing(reproduced):
     metrics = json.loads((repo / "metrics" / "curate.json").read_text())
     assert {s: metrics["train"][s]["kept_pairs"] for s in CURATE_MIX} == CURATE_MIX
     assert (repo / "data" / "curated" / "train.parquet").is_file()
-    # detect: a row per training image (the 3 shards of 8, 8 and 6 pairs), after curate.
+    # detect: a row per training sample (36 pairs in shards of 8), after curate.
     assert first.index("Running stage 'curate'") < first.index("Running stage 'detect'")
     detect = json.loads((repo / "metrics" / "detect.json").read_text())
-    assert (detect["shards"], detect["images"], detect["rejects"]) == (3, sum(CURATE_MIX.values()), 0)
+    pairs = sum(CURATE_MIX.values())
+    assert (detect["shards"], detect["images"], detect["rejects"]) == (-(-pairs // 8), pairs, 0)
     assert detect["regions"] >= detect["images"] - detect["images_without_detections"] > 0
     assert pq.read_table(repo / "data" / "regions.parquet").num_rows == detect["images"]
-    # embed: every pair, after detect; the whole image is region 0 of each; a teacher shard per
-    # curated shard.
+    # embed: every pair, each image encoded once, after detect; the whole image is region 0 of
+    # each; a teacher shard per curated shard.
     assert first.index("Running stage 'detect'") < first.index("Running stage 'embed'")
     embed = json.loads((repo / "metrics" / "embed.json").read_text())
-    assert (embed["pairs"], embed["images"], embed["rejects"]) == (detect["images"], detect["images"], 0)
-    assert embed["regions"] == embed["images"] + detect["regions"]
+    train = pq.read_table(repo / "data" / "curated" / "train.parquet").to_pylist()
+    images = {r["image"] for r in train}
+    assert len(images) == 4 + 2 + 6
+    assert (embed["pairs"], embed["images"], embed["rejects"]) == (pairs, len(images), 0)
+    boxes = {r["key"]: r["regions"] for r in pq.read_table(repo / "data" / "regions.parquet").to_pylist()}
+    first_pair = {}
+    for r in train:
+        first_pair.setdefault(r["image"], r["key"])
+    assert embed["regions"] == len(images) + sum(boxes[k] for k in first_pair.values())
     teacher = sorted(p.name for p in (repo / "data" / "embeddings" / "teacher").glob("*.tar"))
     assert teacher == sorted(p.name for p in (repo / "data" / "curated" / "train").glob("*.tar"))
     # evaluate@base after curate (it needs only the evaluation sets), then the report.
@@ -53,7 +61,7 @@ def test_repro_runs_every_stage_then_nothing(reproduced):
     assert set(base["zeroshot"]) == {"imagenet", "cifar10", "cifar100"}
     assert "metrics/base.json" in sh(["dvc", "metrics", "show"], repo)
     assert (repo / "metrics" / "recall" / "base.csv").is_file()
-    assert "| COCO (15 images" in (repo / "metrics" / "report.md").read_text()
+    assert "| COCO test (15 images" in (repo / "metrics" / "report.md").read_text()
 
     # train_teacher after embed: targets for every pair; distill after it; the student is
     # evaluated and reported beside the base, the compositional probe included.
@@ -67,6 +75,14 @@ def test_repro_runs_every_stage_then_nothing(reproduced):
     assert sorted(targets.column("key").to_pylist()) == sorted(captions.column("key").to_pylist())
     distilled = json.loads((repo / "metrics" / "distill.json").read_text())
     assert distilled["text_tower_unchanged"] and distilled["pairs"] == embed["pairs"]
+    assert distilled["images"] == embed["images"] and distilled["teacher_target"] == "paper"
+    # The teacher is measured on captions its targets were not conditioned on, never on its own.
+    assert {"val_unseen_t2i_R@1", "val_base_t2i_R@1"} <= set(teacher_metrics["epochs"][0])
+    # Every query of every evaluation set, val included, for the study's intervals.
+    queries = pq.read_table(repo / "metrics" / "queries" / "student.parquet")
+    assert {"coco_val", "flickr30k_val", "coco", "imagenet", "sugarcrepe"} <= set(
+        queries.column("dataset").to_pylist()
+    )
     assert (repo / "models" / "student.pt").is_file()
     assert (repo / "metrics" / "distill" / "plots" / "metrics").is_dir()
     student = json.loads((repo / "metrics" / "student.json").read_text())
@@ -80,7 +96,7 @@ def test_repro_runs_every_stage_then_nothing(reproduced):
         "COCO recall@k",
         "Flickr30k recall@k",
         "metrics/teacher/plots/metrics/val_loss.tsv",
-        "metrics/teacher/plots/metrics/val_t2i_R@1.tsv",
+        "metrics/teacher/plots/metrics/val_unseen_t2i_R@1.tsv",
         "metrics/distill/plots/metrics/total.tsv",
         "metrics/distill/plots/metrics/teacher_cos.tsv",
     } <= set(plots)
