@@ -72,12 +72,15 @@ def run(params_file: Path, progress: bool = True) -> dict:
         root / cfg.scratch / key,
         device,
         progress,
+        freeze_batchnorm=cfg.freeze_batchnorm,
     )
     seconds = time.perf_counter() - start
     save_checkpoint(model.cpu(), root / cfg.out)
-    pairs = distill.count_pairs(shards, targets)
     metrics = {
-        "pairs": pairs,
+        "images": distill.count_images(targets),
+        "pairs": len(targets.captions.index),
+        "teacher_target": targets.teacher.metadata.get("target"),
+        "pairs_without_teacher_target": int(targets.teacher.metadata.get("pairs_without_target", "0")),
         "epochs": trainer.history,
         "steps": len(trainer.steps),
         "text_tower_sha256": text_hash,
