@@ -51,10 +51,12 @@ def sample_images(
 ) -> tuple[list[Boxes], dict[int, str]]:
     """Up to n distinct training images with at least one box, drawn by `seed` (one pair each),
     and the detector's class names by id."""
-    columns = ["key", "shard", "boxes", "classes", "class_names", "reject"]
+    columns = ["key", "boxes", "classes", "class_names", "reject"]
     det = pq.read_table(regions_table, columns=columns).to_pylist()
-    manifest = pq.read_table(train_manifest, columns=["key", "image"])
-    image_of = dict(zip(manifest.column("key").to_pylist(), manifest.column("image").to_pylist()))
+    manifest = pq.read_table(train_manifest, columns=["key", "image", "shard"])
+    keys = manifest.column("key").to_pylist()
+    image_of = dict(zip(keys, manifest.column("image").to_pylist()))
+    shard_of = dict(zip(keys, manifest.column("shard").to_pylist()))  # relative to the curated folder
     first: dict[str, dict] = {}
     names: dict[int, str] = {}
     for row in det:
@@ -66,7 +68,7 @@ def sample_images(
     pick = sorted(np.random.default_rng(seed).permutation(len(rows))[:n])
     sample = [
         Boxes(
-            rows[i]["shard"],
+            shard_of[rows[i]["key"]],
             rows[i]["key"],
             np.asarray(rows[i]["boxes"], np.float32),
             np.asarray(rows[i]["classes"]),

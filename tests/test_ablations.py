@@ -50,6 +50,7 @@ def test_the_papers_rows_in_order_and_one_extra():
         "other_captions",
         "regions_only",
         "strong_teacher",
+        "context_crops",
     ]
     # Each ablation changes exactly one thing of the full method.
     full = overrides(FULL)

@@ -44,19 +44,23 @@ def detected(tmp_path):
                 det.append(
                     {
                         "key": key,
-                        "shard": f"train/{shard}",
+                        "shard": shard,  # as detect names it; the manifest has the path
                         "boxes": [list(map(float, o.box)) for o in objs],
                         "classes": [SHAPES.index(o.shape) for o in objs],
                         "class_names": [o.shape for o in objs],
                         "reject": None,
                     }
                 )
-                train.append({"key": key, "image": f"coco-{i:06d}"})
+                train.append({"key": key, "image": f"coco-{i:06d}", "shard": f"train/{shard}"})
     write_table(tmp_path / "regions.parquet", det, pa.schema([
         ("key", pa.string()), ("shard", pa.string()), ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
         ("classes", pa.list_(pa.int32())), ("class_names", pa.list_(pa.string())), ("reject", pa.string()),
     ]))  # fmt: skip
-    write_table(tmp_path / "train.parquet", train, pa.schema([("key", pa.string()), ("image", pa.string())]))
+    write_table(
+        tmp_path / "train.parquet",
+        train,
+        pa.schema([("key", pa.string()), ("image", pa.string()), ("shard", pa.string())]),
+    )
     return tmp_path, scenes
 
 
