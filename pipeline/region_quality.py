@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import images, regions
+from pipeline.detect import IMAGE_EXTS
 from pipeline.shards import read_shard
 
 PROMPT = "This is a photo of a {}"
@@ -61,7 +62,12 @@ def sample_images(
     names: dict[int, str] = {}
     for row in det:
         names.update(zip(row["classes"], row["class_names"]))
-        image = image_of.get(row["key"], row["key"])
+        if row["key"] not in image_of:
+            raise ValueError(
+                f"{regions_table}: key {row['key']!r} is not in {train_manifest}: the regions are "
+                "older than the curated shards; run detect again"
+            )
+        image = image_of[row["key"]]
         if row["reject"] is None and row["boxes"] and image not in first:
             first[image] = row
     rows = sorted(first.values(), key=lambda r: r["key"])
@@ -103,7 +109,7 @@ def measure(
         for key, member in read_shard(curated / shard):
             if key not in keys:
                 continue
-            image = images.decode(next(member[e] for e in ("jpg", "jpeg", "png", "webp") if e in member))
+            image = images.decode(next(member[e] for e in IMAGE_EXTS if e in member))
             b = keys[key]
             labels.extend(ids.index(int(c)) for c in b.classes)
             for m in margins:

@@ -117,10 +117,15 @@ def read_pairs(shard: Path) -> Iterator[Pair]:
             raise ValueError(
                 f"{shard}: sample {key}: missing {', '.join(missing)} (an older embed cache: run embed again)"
             )
-        image_id = json.loads(sample["json"]).get("image")
-        if not isinstance(image_id, str):
-            raise ValueError(f"{shard}: sample {key}: json has no image key")
-        yield Pair(key, image_id, *(_array(sample[f"{f}.npy"]) for f in FIELDS))
+        yield Pair(key, _image_id(shard, key, sample), *(_array(sample[f"{f}.npy"]) for f in FIELDS))
+
+
+def _image_id(shard: Path, key: str, sample: dict[str, bytes]) -> str:
+    """The image a teacher sample belongs to, from its json member."""
+    image_id = json.loads(sample["json"]).get("image") if "json" in sample else None
+    if not isinstance(image_id, str):
+        raise ValueError(f"{shard}: sample {key}: json has no image key")
+    return image_id
 
 
 def is_validation(image_id: str, fraction: float, seed: int) -> bool:
@@ -173,11 +178,12 @@ def validation_pairs(data: Data) -> list[Pair]:
 
 
 def count_training_pairs(data: Data) -> int:
+    """Training pairs, from each sample's json alone (no array is decoded)."""
     return sum(
         1
         for s in data.shards
-        for p in data.pairs(s)
-        if not is_validation(p.image_id, data.val_fraction, data.seed)
+        for key, sample in read_shard(s)
+        if not is_validation(_image_id(s, key, sample), data.val_fraction, data.seed)
     )
 
 

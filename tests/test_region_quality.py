@@ -4,6 +4,7 @@ committed demo CLIP classifying detector-style crops of fresh scenes above chanc
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -86,3 +87,11 @@ def test_the_demo_clip_reads_crops_of_fresh_scenes_above_chance(detected):
     assert out["chance"] == round(1 / len(names), 4)
     assert set(out["accuracy_by_margin"]) == {"0.0", "0.5"}
     assert max(out["accuracy_by_margin"].values()) > 3 * out["chance"]
+
+
+def test_regions_older_than_the_curated_shards_are_named(detected):
+    root, _ = detected
+    train = pq.read_table(root / "train.parquet")
+    write_table(root / "old.parquet", train.slice(2), train.schema)  # lacks the first image's pairs
+    with pytest.raises(ValueError, match=r"key 'coco-000000-0' is not in .*old\.parquet: .*run detect again"):
+        rq.sample_images(root / "regions.parquet", root / "old.parquet", 5)

@@ -189,7 +189,7 @@ def test_web_layouts_are_bigger_and_draw_their_own_backgrounds():
     assert {lay.background for lay in curated} == set(BACKGROUNDS)
     web_bg = Counter(lay.background for lay in web)
     assert set(web_bg) == set(WEB_BACKGROUNDS) | set(BACKGROUNDS)
-    assert 0.8 < sum(web_bg[b] for b in WEB_BACKGROUNDS if b != "plain") / 300 + web_bg["plain"] / 300
+    assert sum(web_bg[b] for b in WEB_BACKGROUNDS) / 300 > 0.8  # textured only now and then
     with pytest.raises(ValueError, match="unknown domain 'nope'"):
         sample_layout(np.random.default_rng(0), 160, 128, 1, domain="nope")
 
