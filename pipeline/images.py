@@ -39,6 +39,17 @@ JPEG_SUBSAMPLING = "4:4:4"
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # a shard sample's image member, in this order
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Why one input was dropped: `reason` for the counts, `detail` for a reader."""
+
+    reason: str
+    detail: str
+
+
 class ImageReject(Exception):
     """An input that is not a usable image. `reason` is one of REASONS (for a rejects table and
     its counts), `message` says what was wrong in words."""
@@ -90,6 +101,22 @@ def decode(data: bytes) -> Image.Image:
         if "truncated" in str(err).lower():
             raise ImageReject("truncated", f"the data ends before the image does ({err})") from None
         raise ImageReject("decode_error", f"{type(err).__name__}: {err}") from None
+
+
+def image_member(sample: dict[str, bytes]) -> bytes | None:
+    """The bytes of a WebDataset sample's image member, None when it has none."""
+    return next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
+
+
+def decode_sample(sample: dict[str, bytes]) -> Image.Image | Reject:
+    """A WebDataset sample's image, decoded as `decode` does, or the Reject saying why not."""
+    data = image_member(sample)
+    if data is None:
+        return Reject("no_image", f"no image member among {sorted(sample)}")
+    try:
+        return decode(data)
+    except ImageReject as err:
+        return Reject(err.reason, err.message)
 
 
 def _recognised(data: bytes) -> bool:

@@ -93,6 +93,7 @@ class ShardWriter:
         if self._tar is None or len(self._keys) >= self.max_count:
             self._finish()
             self._start()
+        assert self._tar is not None and self._final is not None  # open from _start until _finish
         if key in self._keys:
             raise ValueError(f"key {key!r}: already written to {self._final.name}")
         self._keys.add(key)
@@ -118,6 +119,7 @@ class ShardWriter:
     def _finish(self) -> None:
         if self._tar is None:
             return
+        assert self._file is not None and self._tmp is not None and self._final is not None  # set with _tar
         self._tar.close()  # end-of-archive blocks; does not close the file object it was given
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -138,6 +140,7 @@ class ShardWriter:
         """Discard the unfinished shard (its temporary file); finished shards stay."""
         self._closed = True
         if self._file is not None:
+            assert self._tmp is not None  # set with _file
             self._file.close()
             self._tmp.unlink(missing_ok=True)
         self._tar = self._file = self._tmp = self._final = None
@@ -180,7 +183,9 @@ def read_shard(path: Path | str) -> Iterator[tuple[str, dict[str, bytes]]]:
                     key, sample = name_key, {}
                 if ext in sample:
                     raise ValueError(f"{path}: key {key!r}: member .{ext} appears twice")
-                sample[ext] = tar.extractfile(member).read()
+                data = tar.extractfile(member)
+                assert data is not None  # a regular file member always has one
+                sample[ext] = data.read()
     except tarfile.TarError as err:
         raise ValueError(f"{path}: not a readable tar file: {err}") from None
     if key is not None:

@@ -9,13 +9,14 @@ skipping work.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.files import atomic_file
 
 # Spelled out rather than left to pyarrow's defaults, which may change between versions.
 WRITE_OPTIONS: dict[str, Any] = {
@@ -55,21 +56,6 @@ def to_table(rows_or_table: pa.Table | Iterable[Mapping[str, Any]], schema: pa.S
     return table
 
 
-@contextmanager
-def atomic_file(path: Path | str) -> Iterator[Path]:
-    """A temporary path beside `path` to write; it replaces `path` when the block ends and is
-    removed if the block fails, so a crash never leaves a half file that looks whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_table(
     path: Path | str, rows_or_table: pa.Table | Iterable[Mapping[str, Any]], schema: pa.Schema
 ) -> Path:
@@ -99,17 +85,3 @@ def concat_parquet(path: Path | str, parts: Iterable[Path | str], schema: pa.Sch
         f.flush()
         os.fsync(f.fileno())
     return path
-
-
-def atomic_torch_save(obj: Any, path: Path | str) -> None:
-    """torch.save to `path`, atomically. Saved through a buffer, so the bytes do not depend on the
-    file's name (torch names the archive's folder after it): the same object gives the same file,
-    and DVC the same hash."""
-    import io
-
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(buf.getbuffer())

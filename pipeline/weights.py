@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.models.detector import file_digest, prepare_ultralytics
-from pipeline.tables import atomic_file, atomic_torch_save
+from pipeline.errors import InputError
+from pipeline.files import atomic_file, atomic_torch_save, file_digest
+from pipeline.models.detector import prepare_ultralytics
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """Weights that cannot be had or loaded; the message names the params key."""
 
 
@@ -79,7 +80,9 @@ def fetch_detector(model: str, weights: str, out: Path, base_dir: Path | str = "
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 yolo = YOLO(model)
-            atomic_torch_save({"model": yolo.model.half(), "train_args": {}, "date": None}, out)
+            net = yolo.model
+            assert isinstance(net, torch.nn.Module)  # ultralytics types Model.model as its source name
+            atomic_torch_save({"model": net.half(), "train_args": {}, "date": None}, out)
         task = YOLO(str(out)).task
     except Exception as err:  # ultralytics raises ConnectionError, FileNotFoundError, ...
         out.unlink(missing_ok=True)

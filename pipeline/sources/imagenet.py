@@ -71,7 +71,7 @@ def read_imagenet_val(
             f"{root}: {len(wnids)} class folders that are not ImageNet-1k's 1000 and no {MAPPING_FILE} "
             "beside them: pass the class names file"
         )
-    samples = []
+    samples: list[tuple[Path, int]] = []
     for label, wnid in enumerate(wnids):
         with os.scandir(root / wnid) as entries:
             files = sorted(e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))

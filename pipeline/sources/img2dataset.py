@@ -90,7 +90,9 @@ def _iter_shard(path: Path) -> Iterator[WebSample]:
                         raise SourceError(f"{path}: key {key!r}: its members are not contiguous")
                     seen.add(key)
                     current = _Sample(path, key)
-                current.add(ext, tar.extractfile(member).read())
+                data = tar.extractfile(member)
+                assert data is not None  # a regular file always has its data
+                current.add(ext, data.read())
     except tarfile.TarError as err:
         raise SourceError(f"{path}: not a readable tar file: {err}") from None
     if current is not None:
