@@ -45,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import study
+from pipeline.errors import UsageError
 from pipeline.study import Figure, Runs
 
 REFERENCE = "base"  # the base CLIP's row: the evaluate stage's metrics/base.json
@@ -115,7 +116,7 @@ def resolve(names: Iterable[str] | None = None) -> list[Ablation]:
     names = list(dict.fromkeys(names))
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
-        raise ValueError(f"unknown ablation(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
+        raise UsageError(f"unknown ablation(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
     return [a for a in ABLATIONS if a.name in names]
 
 
@@ -247,8 +248,7 @@ def figure_places(queries: pa.Table, figure: Figure) -> tuple[np.ndarray, np.nda
 
 
 def _runs(variant_queries: Mapping[int, pa.Table], figure: Figure) -> Runs | None:
-    found = [figure_places(q, figure) for _, q in sorted(variant_queries.items())]
-    found = [f for f in found if f is not None]
+    found = [f for _, q in sorted(variant_queries.items()) if (f := figure_places(q, figure)) is not None]
     if not found:
         return None
     return Runs(np.stack([p for p, _ in found]), found[0][1])
@@ -274,7 +274,7 @@ def study_table(
     rows = []
     for name in [REFERENCE, *variants]:
         runs = queries.get(name) or {}
-        row = {
+        row: dict[str, Any] = {
             "name": name,
             "label": REFERENCE_LABEL if name == REFERENCE else BY_NAME[name].label,
             "paper": True if name == REFERENCE else BY_NAME[name].paper,
@@ -295,11 +295,11 @@ def study_table(
     references = [n for n in (REFERENCE, FULL) if n in present]
     empty = []
     for k, figure in enumerate(FIGURES):
-        runs = {n: r for n, q in present.items() if (r := _runs(q, figure)) is not None}
-        if not runs:
+        figure_runs = {n: r for n, q in present.items() if (r := _runs(q, figure)) is not None}
+        if not figure_runs:
             empty.append(figure.key)
             continue
-        result = study.compare(runs, figure.k, references, replicates, seed=k)
+        result = study.compare(figure_runs, figure.k, references, replicates, seed=k)
         for name, value in result.items():
             by_name[name]["figures"][figure.key] = value
     zero = {

@@ -19,14 +19,10 @@ the GIL, and so does the forward), the model sees whole batches, and a batch's p
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-import shutil
 import sys
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,13 +33,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline import images
+from pipeline import images, parallel, parts
+from pipeline.files import file_digest
+from pipeline.images import Reject
 from pipeline.models.detector import Detections, Detector
-from pipeline.models.detector import file_digest as file_hash
 from pipeline.shards import read_shard
 from pipeline.tables import concat_parquet, write_table
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _BOX = pa.list_(pa.list_(pa.float32(), 4))
 
 REGIONS_SCHEMA = pa.schema(
@@ -63,25 +59,17 @@ REGIONS_SCHEMA = pa.schema(
     ]
 )
 
-_RUN_KEY = re.compile(r"[0-9a-f]{16}")
-
 
 @dataclass(frozen=True)
 class Settings:
-    """What, besides the detector and the images, decides the rows."""
+    """What, besides the detector and the images, decides the rows (the `detect` params)."""
 
-    conf: float = 0.25
-    iou: float = 0.7
-    classes: tuple[int, ...] | None = None  # class ids kept; None: all
-    max_regions: int = 300  # per image, the most confident after the area filter
-    min_area_fraction: float = 0.0  # of the image's area
-    batch_size: int = 32  # images per forward (float results may differ in the last bits)
-
-
-@dataclass(frozen=True, slots=True)
-class Reject:
-    reason: str
-    detail: str
+    conf: float
+    iou: float
+    classes: tuple[int, ...] | None  # class ids kept; None: all
+    max_regions: int  # per image, the most confident after the area filter
+    min_area_fraction: float  # of the image's area
+    batch_size: int  # images per forward (float results may differ in the last bits)
 
 
 # --- one shard ---------------------------------------------------------------------------------
@@ -89,25 +77,11 @@ class Reject:
 
 def prepare(sample: dict[str, bytes], letterbox: Callable[[np.ndarray], np.ndarray]):
     """Worker: a shard sample → (letterboxed image, height, width), or the Reject."""
-    data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-    if data is None:
-        return Reject("no_image", f"no image member among {sorted(sample)}")
-    try:
-        rgb = np.asarray(images.decode(data))
-    except images.ImageReject as err:
-        return Reject(err.reason, err.message)
+    image = images.decode_sample(sample)
+    if isinstance(image, Reject):
+        return image
+    rgb = np.asarray(image)
     return letterbox(rgb), rgb.shape[0], rgb.shape[1]
-
-
-def ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
-    """fn over items in order, at most `window` ahead: memory holds a window, not a shard."""
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 def select(dets: Detections, shapes: np.ndarray, min_area_fraction: float, max_regions: int) -> Detections:
@@ -188,7 +162,7 @@ def detect_shard(
     path: Path | str,
     detector: Detector,
     settings: Settings,
-    pool: ThreadPoolExecutor,
+    pool: Executor,
     on_batch: Callable[[int], None] | None = None,
 ) -> pa.Table:
     """The regions of one shard's images (REGIONS_SCHEMA), decoded and letterboxed by `pool`."""
@@ -227,7 +201,7 @@ def detect_shard(
         return item[0], prepare(item[1], detector.letterbox)
 
     window = 2 * settings.batch_size
-    for key, result in ordered_map(pool, work, read_shard(path), window):
+    for key, result in parallel.ordered_map(work, read_shard(path), pool, window):
         part.add(key, result)
         if not isinstance(result, Reject):
             batch.append(result[0])
@@ -248,7 +222,6 @@ def run_key(detector: Detector, settings: Settings) -> str:
     import torch
     import ultralytics
 
-    code = [Path(m.__file__).read_bytes() for m in (sys.modules[__name__], sys.modules[Detector.__module__])]
     spec = {
         "weights": detector.digest,
         "imgsz": detector.imgsz,
@@ -256,10 +229,8 @@ def run_key(detector: Detector, settings: Settings) -> str:
         "half": detector.half,
         "settings": asdict(settings),
         "versions": [ultralytics.__version__, torch.__version__, pa.__version__],
-        "code": [hashlib.sha256(c).hexdigest() for c in code],
-        "decode": hashlib.sha256(Path(images.__file__).read_bytes()).hexdigest(),
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return parts.run_key(spec, [sys.modules[__name__], Detector.__module__, images])
 
 
 def detect(
@@ -273,29 +244,27 @@ def detect(
 ) -> dict:
     """Regions of every shard into `out` (REGIONS_SCHEMA), resuming from the parts in `scratch`;
     returns the counts for the metrics file. Parts of other runs are removed once `out` is whole."""
-    folder = scratch / run_key(detector, settings)
-    parts, done = [], 0
+    store = parts.Parts(scratch, run_key(detector, settings))
     bar = tqdm(desc="detect", unit="img", disable=not progress)
-    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+    with parallel.pool(workers, "threads", name="decode") as pool:
         for shard in shards:
-            part = folder / f"{shard.stem}-{file_hash(shard)[:16]}.parquet"
-            if part.exists():
-                done += 1
-            else:
-                write_table(part, detect_shard(shard, detector, settings, pool, bar.update), REGIONS_SCHEMA)
-            parts.append(part)
-            bar.set_postfix(shards=f"{len(parts)}/{len(shards)}", reused=done)
+
+            def make(tmp: Path, shard: Path = shard) -> None:
+                write_table(tmp, detect_shard(shard, detector, settings, pool, bar.update), REGIONS_SCHEMA)
+
+            store.get(f"{shard.stem}-{file_digest(shard)[:16]}.parquet", make)
+            bar.set_postfix(shards=f"{len(store.used)}/{len(shards)}", reused=store.reused)
     bar.close()
-    concat_parquet(out, parts, REGIONS_SCHEMA)
-    _prune(scratch, folder, parts)
-    return summarise(parts)
+    concat_parquet(out, store.used, REGIONS_SCHEMA)
+    store.prune()
+    return summarise(store.used)
 
 
-def summarise(parts: list[Path]) -> dict:
+def summarise(part_files: list[Path]) -> dict:
     """Counts over the parts: a function of the rows alone, so the metrics file is too."""
     images_ = empty = regions = 0
     rejects: Counter = Counter()
-    for part in parts:
+    for part in part_files:
         t = pq.read_table(part, columns=["regions", "reject"])
         counts = t.column("regions").to_numpy()
         reject = t.column("reject").to_pylist()
@@ -304,20 +273,10 @@ def summarise(parts: list[Path]) -> dict:
         empty += sum(1 for c, r in zip(counts.tolist(), reject) if c == 0 and r is None)
         rejects.update(r for r in reject if r is not None)
     return {
-        "shards": len(parts),
+        "shards": len(part_files),
         "images": images_,
         "images_without_detections": empty,
         "regions": regions,
         "rejects": sum(rejects.values()),
         "rejects_by_reason": dict(sorted(rejects.items())),
     }
-
-
-def _prune(scratch: Path, folder: Path, keep: list[Path]) -> None:
-    """Remove other runs' part folders and parts of shards this run did not read."""
-    for entry in scratch.iterdir() if scratch.is_dir() else ():
-        if entry.is_dir() and entry != folder and _RUN_KEY.fullmatch(entry.name):
-            shutil.rmtree(entry)
-    for part in folder.glob("*.parquet") if folder.is_dir() else ():
-        if part not in keep:
-            part.unlink()

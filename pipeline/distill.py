@@ -19,23 +19,46 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Executor
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from pipeline import images
-from pipeline.detect import IMAGE_EXTS, ordered_map
+from pipeline import images, parallel, parts
+from pipeline.errors import InputError
+from pipeline.files import file_digest
+from pipeline.losses import DistillWeights
 from pipeline.shards import read_shard
+from pipeline.train import Optimisation
+
+if TYPE_CHECKING:
+    from pipeline.models.clip import ClipModel
 
 
-class DistillError(ValueError):
-    pass
+class DistillError(InputError):
+    """The student's inputs disagree (the cache, the targets and the shards), or the frozen side
+    changed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What, besides the optimisation, decides the student (the `distill` params)."""
+
+    trainable_blocks: int | None  # the last N image-tower blocks (and its head); None: all
+    freeze_batchnorm: bool  # BatchNorm layers stay in eval mode, with the base's statistics
+    lambda_cos: float
+    lambda_anchor: float
+    batch_size: int
+
+    @property
+    def loss_weights(self) -> DistillWeights:
+        return DistillWeights(cos=self.lambda_cos, anchor=self.lambda_anchor)
 
 
 class Vectors:
@@ -126,13 +149,10 @@ class Batch:
 
 
 def _decode(sample: dict[str, bytes], transform: Callable) -> torch.Tensor | str:
-    data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-    if data is None:
-        return f"no image member among {sorted(sample)}"
-    try:
-        return transform(images.decode(data))
-    except images.ImageReject as err:
-        return f"{err.reason}: {err.message}"
+    image = images.decode_sample(sample)
+    if isinstance(image, images.Reject):
+        return f"{image.reason}: {image.detail}"
+    return transform(image)
 
 
 def epoch_batches(
@@ -142,7 +162,7 @@ def epoch_batches(
     batch_size: int,
     transform: Callable,
     targets: Targets,
-    pool: ThreadPoolExecutor,
+    pool: Executor,
     window: int = 64,
 ) -> Iterator[Batch]:
     """One epoch of batches in an order fixed by (seed, epoch): every cached image once, with the
@@ -157,8 +177,8 @@ def epoch_batches(
         samples = [(k, smp) for k, smp in read_shard(shards[s]) if k in chosen]
         seen += len(samples)
         order = rng.permutation(len(samples))
-        decoded = ordered_map(
-            pool, lambda kv: (kv[0], _decode(kv[1], transform)), (samples[i] for i in order), window
+        decoded = parallel.ordered_map(
+            lambda kv: (kv[0], _decode(kv[1], transform)), (samples[i] for i in order), pool, window
         )
         for key, pixels in decoded:
             if isinstance(pixels, str):
@@ -201,10 +221,10 @@ def count_images(targets: Targets) -> int:
     return len(targets.images())
 
 
-def student_features(model: torch.nn.Module, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+def student_features(model: torch.nn.Module, batch: Batch, device: torch.device) -> dict[str, Any]:
     """The student's image embeddings and the cached vectors, on the device."""
     return {
-        "student": model.encode_image(batch.pixels.to(device, non_blocking=True)),
+        "student": cast("ClipModel", model).encode_image(batch.pixels.to(device, non_blocking=True)),
         "text": F.normalize(batch.caption.to(device), dim=-1),
         "teacher": batch.teacher.to(device),
         "base": batch.base.to(device) if batch.base is not None else None,
@@ -212,33 +232,52 @@ def student_features(model: torch.nn.Module, batch: Batch, device: torch.device)
     }
 
 
+def run_key(
+    model: str, weights: str, settings: Settings, opt: Optimisation, inputs: list[Path], device
+) -> str:
+    """Everything the checkpoints depend on: a resumed run must be the same run."""
+    from pipeline import losses, train
+    from pipeline.models import student
+
+    path = Path(weights)
+    spec = {
+        "model": model,
+        "weights": file_digest(path) if path.is_file() else weights,
+        "distill": asdict(settings),
+        "optimisation": asdict(opt),
+        "inputs": [[p.name, file_digest(p)] for p in inputs],
+        "device": device.type,
+        "torch": torch.__version__,
+    }
+    return parts.run_key(spec, [__name__, losses, train, student])
+
+
 def train_student(
     model: torch.nn.Module,
-    blocks: int | None,
-    weights,
-    opt,
+    settings: Settings,
+    opt: Optimisation,
     shards: list[Path],
     targets: Targets,
     transform: Callable,
-    batch_size: int,
-    workers: int,
     checkpoints: Path,
     device: torch.device,
+    workers: int = 2,
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
-    freeze_batchnorm: bool = True,
 ):
-    """Fine-tune the image tower (all of it, or its last `blocks` blocks) with the distillation
-    loss, resuming from `checkpoints`. Weight decay applies to matrices only (train.decay_groups);
-    `freeze_batchnorm` keeps the BatchNorm layers in eval mode, their running statistics the base
-    model's. Returns (model, trainer, frozen-side hash); raises DistillError if anything outside
-    the image tower changed. `on_step(step, losses)` is called after every optimiser step."""
+    """Fine-tune the image tower (all of it, or its last `trainable_blocks` blocks) with the
+    distillation loss, resuming from `checkpoints`. Weight decay applies to matrices only
+    (train.decay_groups); `freeze_batchnorm` keeps the BatchNorm layers in eval mode, their running
+    statistics the base model's. Returns (model, trainer, frozen-side hash); raises DistillError if
+    anything outside the image tower changed. `on_step(step, losses)` is called after every
+    optimiser step."""
     from pipeline.losses import distill_loss
     from pipeline.models.student import freeze_for_distillation, frozen_hash, set_train_mode
     from pipeline.train import Trainer, contrastive_batches, decay_groups
 
+    batch_size = settings.batch_size
     before = frozen_hash(model)
-    freeze_for_distillation(model, blocks)
+    freeze_for_distillation(model, settings.trainable_blocks)
     n = count_images(targets)
     if n < 2:
         raise DistillError(f"only {n} training images with cached embeddings; need at least 2")
@@ -250,12 +289,13 @@ def train_student(
         checkpoints=checkpoints,
         device=device,
         progress=progress,
-        train_mode=partial(set_train_mode, freeze_batchnorm=freeze_batchnorm),
+        train_mode=partial(set_train_mode, freeze_batchnorm=settings.freeze_batchnorm),
     )
     # The temperature is the base model's and stays so: it belongs to the frozen side.
-    scale = model.logit_scale.exp().detach()
+    scale = cast("ClipModel", model).logit_scale.exp().detach()
 
-    with ThreadPoolExecutor(workers) as pool:
+    weights = settings.loss_weights
+    with parallel.pool(workers, "threads", name="decode") as pool:
 
         def data(epoch: int) -> Iterator[Batch]:
             return epoch_batches(shards, epoch, opt.seed, batch_size, transform, targets, pool)

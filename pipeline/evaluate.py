@@ -16,7 +16,6 @@ embeddings are kept, in manifest order; the metrics are those of pipeline.metric
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -28,11 +27,12 @@ import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline import images, metrics
+from pipeline.errors import InputError, MissingOutput
+from pipeline.models import clip
 from pipeline.shards import read_shard
 
 RETRIEVAL_SETS = ("coco", "flickr30k")  # Karpathy test: the readout
@@ -45,7 +45,6 @@ SINGLE_PROMPT = "This is a photo of a {}"  # the paper's prompt
 RECALL_KS = (1, 5, 10)
 TOP_KS = (1, 5)
 CURVE_MAX_K = 50  # recall@k curves for `dvc plots`: k = 1 … this
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def prompt_templates(prompts: str) -> tuple:
@@ -78,17 +77,15 @@ class ShardImages(IterableDataset):
             path = self.root / shard
             for key, sample in read_shard(path):
                 if key not in self.index:
-                    raise ValueError(f"{path}: sample {key!r} is not in the set's manifest")
+                    raise InputError(f"{path}: sample {key!r} is not in the set's manifest")
                 mine, n = n % workers == worker, n + 1
                 if not mine:
                     continue
-                ext = next((e for e in IMAGE_EXTS if e in sample), None)
-                if ext is None:
-                    raise ValueError(f"{path}: sample {key!r} has no image ({', '.join(sorted(sample))})")
-                try:
-                    img = images.decode(sample[ext])
-                except images.ImageReject as err:
-                    raise ValueError(f"{path}: sample {key!r}: {err}") from None
+                if images.image_member(sample) is None:
+                    raise InputError(f"{path}: sample {key!r} has no image ({', '.join(sorted(sample))})")
+                img = images.decode_sample(sample)
+                if isinstance(img, images.Reject):
+                    raise InputError(f"{path}: sample {key!r}: {img.reason}: {img.detail}")
                 yield self.index[key], self.transform(img)
 
 
@@ -96,25 +93,15 @@ class ShardImages(IterableDataset):
 
 
 @dataclass
-class Encoder:
-    """A CLIP model's two towers, batched, on one device; every embedding L2-normalised float32
-    on the CPU."""
+class SetEncoder:
+    """Whole evaluation sets through a CLIP encoder, batched: images read and decoded from their
+    shards by DataLoader workers. Every embedding L2-normalised float32 on the CPU."""
 
-    model: torch.nn.Module
-    preprocess: Callable
-    tokenizer: Callable
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    batch_size: int = 256
-    workers: int = 2
+    encoder: clip.Encoder
+    batch_size: int
+    workers: int
     progress: bool = True
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        # Mixed precision on a GPU only: bf16 on CPU is fast on some CPUs and slow on others.
-        if self.device.type == "cuda":
-            return torch.autocast("cuda")
-        return contextlib.nullcontext()
-
-    @torch.inference_mode()
     def images(
         self, root: Path, keys: Sequence[str], shards: Sequence[str], desc: str = "images"
     ) -> torch.Tensor:
@@ -122,60 +109,44 @@ class Encoder:
         order of `keys`. Every key must be in the shards and every shard sample among the keys."""
         index = {key: i for i, key in enumerate(keys)}
         if len(index) != len(keys):
-            raise ValueError(f"{desc}: the manifest lists a key twice")
-        dataset = ShardImages(root, list(dict.fromkeys(shards)), index, self.preprocess)
+            raise InputError(f"{desc}: the manifest lists a key twice")
+        dataset = ShardImages(root, list(dict.fromkeys(shards)), index, self.encoder.preprocess)
         loader = DataLoader(
             dataset,
             batch_size=self.batch_size,
             num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.encoder.device.type == "cuda",
         )
         out: torch.Tensor | None = None
         seen = torch.zeros(len(keys), dtype=torch.bool)
         with tqdm(total=len(keys), desc=desc, disable=not self.progress, leave=False) as bar:
             for idx, pixels in loader:
-                with self._autocast():
-                    emb = self.model.encode_image(pixels.to(self.device, non_blocking=True))
-                emb = F.normalize(emb.float(), dim=-1).cpu()
+                emb = self.encoder.encode_images(pixels, normalize=True)
                 if out is None:
                     out = torch.empty(len(keys), emb.shape[1])
                 if seen[idx].any():
-                    raise ValueError(f"{desc}: a key appears in more than one sample of the shards")
+                    raise InputError(f"{desc}: a key appears in more than one sample of the shards")
                 out[idx], seen[idx] = emb, True
                 bar.update(len(idx))
-        if not seen.all():
+        if out is None or not seen.all():
             missing = [keys[i] for i in (~seen).nonzero()[:3, 0].tolist()]
-            raise ValueError(
+            raise InputError(
                 f"{desc}: {int((~seen).sum())} manifest key(s) not in the shards, e.g. {missing}"
             )
         return out
 
-    @torch.inference_mode()
     def texts(self, texts: Sequence[str], desc: str = "texts") -> torch.Tensor:
         chunks = []
         for start in tqdm(
             range(0, len(texts), self.batch_size), desc=desc, disable=not self.progress, leave=False
         ):
-            tokens = self.tokenizer(list(texts[start : start + self.batch_size])).to(self.device)
-            with self._autocast():
-                emb = self.model.encode_text(tokens)
-            chunks.append(F.normalize(emb.float(), dim=-1).cpu())
+            chunks.append(self.encoder.encode_texts(texts[start : start + self.batch_size], normalize=True))
         return torch.cat(chunks)
 
-    @torch.inference_mode()
     def classes(self, classnames: Sequence[str], templates: Sequence) -> torch.Tensor:
         """One embedding per class: the mean of its normalised prompt embeddings, renormalised
         (open_clip's own classifier builder)."""
-        with self._autocast():
-            weights = open_clip.build_zero_shot_classifier(
-                self.model,
-                self.tokenizer,
-                list(classnames),
-                list(templates),
-                num_classes_per_batch=max(1, self.batch_size // len(templates)),
-                device=self.device,
-            )
-        return F.normalize(weights.T.float(), dim=-1).cpu()
+        return self.encoder.classifier(classnames, templates, self.batch_size)
 
 
 # --- the evaluation ------------------------------------------------------------------------------
@@ -208,14 +179,14 @@ def required_files(curated: Path, datasets: Sequence[str]) -> list[Path]:
         elif name in PROBE_SETS:
             files.append(curated / "probe" / f"{name}.parquet")
         else:
-            raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+            raise InputError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
     return files
 
 
 def _manifest(path: Path, columns: list[str]) -> list[dict]:
     rows = pq.read_table(path, columns=columns).to_pylist()
     if not rows:
-        raise ValueError(f"{path}: the set is empty; leave it out of the data sets to evaluate")
+        raise InputError(f"{path}: the set is empty; leave it out of the data sets to evaluate")
     return rows
 
 
@@ -235,7 +206,9 @@ def _queries(name: str, task: str, places: torch.Tensor, category: list[str] | N
     }
 
 
-def retrieval(encoder: Encoder, curated: Path, name: str) -> tuple[dict, dict[str, list[float]], list[dict]]:
+def retrieval(
+    encoder: SetEncoder, curated: Path, name: str
+) -> tuple[dict, dict[str, list[float]], list[dict]]:
     rows = _manifest(retrieval_manifest(curated, name), ["key", "shard", "captions"])
     img = encoder.images(curated, [r["key"] for r in rows], [r["shard"] for r in rows], f"{name} images")
     captions = [c for r in rows for c in r["captions"]]
@@ -247,8 +220,9 @@ def retrieval(encoder: Encoder, curated: Path, name: str) -> tuple[dict, dict[st
         "text_to_image": metrics.chance_recall_at_k(len(rows), torch.ones(len(captions)), RECALL_KS),
         "image_to_text": metrics.chance_recall_at_k(len(captions), per_image, RECALL_KS),
     }
-    result = {"images": len(rows), "captions": len(captions)}
-    curves, queries = {}, []
+    result: dict = {"images": len(rows), "captions": len(captions)}
+    curves: dict = {}
+    queries: list = []
     for direction, r in ranks.items():
         result[direction] = _round(metrics.summarise(r, RECALL_KS))
         curve = metrics.recall_at_k(r, range(1, CURVE_MAX_K + 1))
@@ -258,12 +232,12 @@ def retrieval(encoder: Encoder, curated: Path, name: str) -> tuple[dict, dict[st
     return result, curves, queries
 
 
-def zero_shot(encoder: Encoder, curated: Path, name: str, templates: Sequence) -> tuple[dict, dict]:
+def zero_shot(encoder: SetEncoder, curated: Path, name: str, templates: Sequence) -> tuple[dict, dict]:
     rows = _manifest(curated / "zeroshot" / f"{name}.parquet", ["key", "shard", "label"])
     classnames = json.loads((curated / "zeroshot" / f"{name}.json").read_text(encoding="utf-8"))["classnames"]
     labels = torch.tensor([r["label"] for r in rows], dtype=torch.int64)
     if labels.min() < 0 or labels.max() >= len(classnames):
-        raise ValueError(f"{name}: labels outside the {len(classnames)} class names")
+        raise InputError(f"{name}: labels outside the {len(classnames)} class names")
     img = encoder.images(curated, [r["key"] for r in rows], [r["shard"] for r in rows], f"{name} images")
     classes = encoder.classes(classnames, templates)
     n = len(classnames)
@@ -277,14 +251,14 @@ def zero_shot(encoder: Encoder, curated: Path, name: str, templates: Sequence) -
     return result, _queries(name, "zero_shot", metrics.zero_shot_ranks(img, classes, labels)[:, 0])
 
 
-def probe(encoder: Encoder, curated: Path, name: str) -> tuple[dict, dict]:
+def probe(encoder: SetEncoder, curated: Path, name: str) -> tuple[dict, dict]:
     """A compositional probe (SugarCrepe's format): each image embedded once, however many items
     name it; accuracy per category and their mean. Beside them, the text side's ceiling: the mean
     cosine of each item's true caption and its negative in the (frozen) text tower. Near 1 the
     two captions are one point to the text tower, and no image embedding can tell them apart."""
     columns = ["category", "key", "shard", "caption", "negative_caption"]
     rows = _manifest(curated / "probe" / f"{name}.parquet", columns)
-    first = {}
+    first: dict[str, str] = {}
     for r in rows:
         first.setdefault(r["key"], r["shard"])
     keys = list(first)
@@ -307,29 +281,31 @@ def probe(encoder: Encoder, curated: Path, name: str) -> tuple[dict, dict]:
     return result, _queries(name, "probe", places, categories)
 
 
-def evaluate(encoder: Encoder, curated: Path | str, datasets: Sequence[str], prompts: str) -> Evaluation:
+def evaluate(encoder: SetEncoder, curated: Path | str, datasets: Sequence[str], prompts: str) -> Evaluation:
     """Embed and score every data set in `datasets` (names from DATASETS) with one model."""
     curated = Path(curated)
     templates = prompt_templates(prompts)
     missing = [p for p in required_files(curated, datasets) if not p.is_file()]
     if missing:
-        raise FileNotFoundError("curated evaluation files not found: " + ", ".join(map(str, missing)))
+        raise MissingOutput(
+            "curated evaluation files not found: " + ", ".join(map(str, missing)) + "; run the curate stage"
+        )
     out = Evaluation(metrics={"retrieval": {}, "zeroshot": {}, "probe": {}}, curves={}, seconds={})
     for name in datasets:
         start = time.perf_counter()
         if name in RETRIEVAL_SETS or name in VAL_SETS:
             kind = "retrieval"
-            out.metrics[kind][name], curves, queries = retrieval(encoder, curated, name)
+            out.metrics[kind][name], curves, per_direction = retrieval(encoder, curated, name)
             out.curves.update(curves)
-            out.queries += queries
+            out.queries += per_direction
         elif name in PROBE_SETS:
             kind = "probe"
-            out.metrics[kind][name], queries = probe(encoder, curated, name)
-            out.queries.append(queries)
+            out.metrics[kind][name], one = probe(encoder, curated, name)
+            out.queries.append(one)
         else:
             kind = "zeroshot"
-            out.metrics[kind][name], queries = zero_shot(encoder, curated, name, templates)
-            out.queries.append(queries)
+            out.metrics[kind][name], one = zero_shot(encoder, curated, name, templates)
+            out.queries.append(one)
         out.seconds[name] = round(time.perf_counter() - start, 2)
         out.images += out.metrics[kind][name]["images"]
     out.metrics = {k: v for k, v in out.metrics.items() if v}

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,10 +25,18 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import images, regions
-from pipeline.detect import IMAGE_EXTS
+from pipeline.errors import InputError
 from pipeline.shards import read_shard
 
 PROMPT = "This is a photo of a {}"
+
+
+class ClipModel(Protocol):
+    """What `measure` uses of a CLIP model (open_clip's CLIP and CustomTextCLIP)."""
+
+    def encode_image(self, image: torch.Tensor, /) -> torch.Tensor: ...
+
+    def encode_text(self, text: torch.Tensor, /) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,7 @@ class Boxes:
 def zero_shot_accuracy(crop_emb: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of crops whose best-scoring class is their label (embeddings L2-normalised)."""
     if len(crop_emb) == 0:
-        raise ValueError("no crops to classify")
+        raise InputError("no crops to classify")
     return float(((crop_emb @ class_emb.T).argmax(dim=1) == labels).float().mean())
 
 
@@ -63,7 +72,7 @@ def sample_images(
     for row in det:
         names.update(zip(row["classes"], row["class_names"]))
         if row["key"] not in image_of:
-            raise ValueError(
+            raise InputError(
                 f"{regions_table}: key {row['key']!r} is not in {train_manifest}: the regions are "
                 "older than the curated shards; run detect again"
             )
@@ -86,7 +95,7 @@ def sample_images(
 
 @torch.no_grad()
 def measure(
-    model: torch.nn.Module,
+    model: ClipModel,
     preprocess,
     tokenizer,
     curated: Path,
@@ -109,7 +118,9 @@ def measure(
         for key, member in read_shard(curated / shard):
             if key not in keys:
                 continue
-            image = images.decode(next(member[e] for e in IMAGE_EXTS if e in member))
+            image = images.decode_sample(member)
+            if isinstance(image, images.Reject):
+                raise InputError(f"{curated / shard}: sample {key!r}: {image.reason}: {image.detail}")
             b = keys[key]
             labels.extend(ids.index(int(c)) for c in b.classes)
             for m in margins:

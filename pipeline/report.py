@@ -31,18 +31,16 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _row(values: dict[str, float | None], reference: str, retention: bool) -> dict:
     base = values[reference]
-    others = [m for m in values if m != reference]
+    others = {m: v for m, v in values.items() if m != reference}
     row = {
         "values": values,
-        "gain": {
-            m: None if values[m] is None or base is None else round(values[m] - base, 4) for m in others
-        },
+        "gain": {m: None if v is None or base is None else round(v - base, 4) for m, v in others.items()},
         "relative_gain": {
-            m: None if values[m] is None or not base else round((values[m] - base) / base, 4) for m in others
+            m: None if v is None or not base else round((v - base) / base, 4) for m, v in others.items()
         },
     }
     if retention:
-        row["retention"] = {m: _ratio(values[m], base) for m in others}
+        row["retention"] = {m: _ratio(v, base) for m, v in others.items()}
     return row
 
 

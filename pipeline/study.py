@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.errors import InputError
+
 CONFIDENCE = 0.95
 REPLICATES = 2000
 
@@ -51,7 +53,7 @@ class Runs:
 
     def __post_init__(self):
         if self.places.ndim != 2 or self.places.shape[1] != len(self.strata) or self.places.shape[0] < 1:
-            raise ValueError(
+            raise InputError(
                 f"places must be [seeds ≥ 1, queries] with one stratum per query, got "
                 f"{self.places.shape} and {len(self.strata)} strata"
             )
@@ -106,11 +108,11 @@ def compare(
     same set. Deterministic for a given `seed`."""
     names = list(runs)
     if not names:
-        raise ValueError("no runs to compare")
+        raise InputError("no runs to compare")
     strata = runs[names[0]].strata
     for name in names[1:]:
         if not np.array_equal(runs[name].strata, strata):
-            raise ValueError(f"{name}: its queries differ from {names[0]}'s; compare runs on the same set")
+            raise InputError(f"{name}: its queries differ from {names[0]}'s; compare runs on the same set")
     rng = np.random.default_rng(seed)
     weights = query_weights(strata, replicates, rng)  # shared: the differences are paired on queries
     boot = {}
@@ -151,12 +153,12 @@ def retention(
     rng = np.random.default_rng(seed)
     sets = list(runs_per_set)
     variants = [v for v in runs_per_set[sets[0]] if all(v in runs_per_set[s] for s in sets)]
-    ratio = {v: [] for v in variants}
-    point = {v: [] for v in variants}
+    ratio: dict[str, list[np.ndarray]] = {v: [] for v in variants}
+    point: dict[str, list[float]] = {v: [] for v in variants}
     for name in sets:
         runs = runs_per_set[name]
         if reference not in runs:
-            raise ValueError(f"{name}: no {reference} run to measure retention against")
+            raise InputError(f"{name}: no {reference} run to measure retention against")
         strata = runs[reference].strata
         weights = query_weights(strata, replicates, rng)
         boot = {v: seed_means(hits(runs[v].places, 1) @ weights.T, rng) for v in variants}

@@ -9,44 +9,39 @@ its checkpoint reproduces the uninterrupted run's weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from pipeline.tables import atomic_torch_save
+from pipeline import runtime
+from pipeline.files import atomic_torch_save
 
 LossFn = Callable[[Any], dict[str, torch.Tensor]]  # a batch → named terms, "total" among them
 
 
 @dataclass(frozen=True)
 class Optimisation:
+    """How a model is trained (the training keys of the `teacher` and `distill` params)."""
+
     epochs: int
     lr: float
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float | None = None  # max global gradient norm; None: no clipping
-    accumulate: int = 1  # batches per optimiser step
-    optimizer: str = "adamw"  # or "adam"
-    amp: str = "auto"  # auto: bf16 (or fp16 with loss scaling) on CUDA, none on CPU; or bf16, fp16, off
-    seed: int = 0
+    weight_decay: float
+    warmup_steps: int
+    grad_clip: float | None  # max global gradient norm; None: no clipping
+    accumulate: int  # batches per optimiser step
+    optimizer: str  # adamw or adam
+    amp: str  # auto: bf16 (or fp16 with loss scaling) on CUDA, none on CPU; or bf16, fp16, off
+    seed: int
 
     def __post_init__(self):
         if self.epochs < 1 or self.accumulate < 1 or self.lr <= 0:
             raise ValueError(f"epochs and accumulate must be >= 1 and lr > 0: {self}")
         if self.optimizer not in ("adamw", "adam") or self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"unknown optimizer or amp: {self}")
-
-    @classmethod
-    def pick(cls, settings: Mapping[str, Any], **fixed: Any) -> Optimisation:
-        """The optimisation settings among `settings` (a training section's keys: epochs, lr, …;
-        the rest ignored), with `fixed` on top."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in settings.items() if k in names}, **fixed)
 
 
 # Never decayed, whatever their shape: decay would pull them toward zero, which for these means
@@ -58,7 +53,8 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """The trainable parameters as two optimiser groups, as open_clip's trainer groups them:
     weight decay for matrices and convolution kernels; none for 1-D parameters (biases, norm and
     BatchNorm weights, the logit scale) and for positional and class embeddings."""
-    decay, plain = [], []
+    decay: list[torch.nn.Parameter] = []
+    plain: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -79,25 +75,6 @@ def contrastive_batches(pairs: int, batch_size: int) -> int:
     """Batches an epoch of `pairs` gives when a last batch of one pair is dropped (a contrastive
     loss needs a negative) and a last batch of two or more is kept."""
     return pairs // batch_size + (pairs % batch_size >= 2)
-
-
-def pick_device(name: str) -> torch.device:
-    """The device a `device` param names: auto (the GPU when torch sees one, else the CPU), cpu,
-    cuda or cuda:N."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
-    return device
-
-
-def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    if setting == "off" or (setting == "auto" and device.type != "cuda"):
-        return None
-    if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
 
 
 class Trainer:
@@ -124,7 +101,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, self.total, cfg.warmup_steps)
         )
-        self.dtype = amp_dtype(cfg.amp, self.device)
+        self.dtype = runtime.amp_dtype(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.checkpoints = Path(checkpoints)
         self.progress = progress
@@ -135,9 +112,7 @@ class Trainer:
         self.steps: list[dict] = []  # per optimiser step: the loss terms and the learning rate
 
     def _autocast(self):
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return runtime.autocast(self.device, self.dtype)
 
     def state(self, epoch: int) -> dict:
         return {

@@ -10,27 +10,21 @@ square, which moves a box by a fraction of a pixel).
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.errors import InputError
+from pipeline.files import file_digest
+from pipeline.runtime import pick_device
 
-class DetectorError(RuntimeError):
+
+class DetectorError(InputError, RuntimeError):
     """A detector that cannot be loaded or used as asked; the message says why."""
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """The device a name means; auto: the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda:0" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DetectorError(f"device {name!r}: CUDA is not available on this machine")
-    return device
 
 
 @dataclass(frozen=True)
@@ -52,7 +46,7 @@ class Detector:
     imgsz: int
     device: torch.device
     digest: str  # what the weights are: for cache keys
-    _letterbox: object = field(repr=False, default=None)
+    _letterbox: Any = field(repr=False, default=None)  # ultralytics LetterBox
 
     @property
     def half(self) -> bool:
@@ -72,7 +66,7 @@ class Detector:
         unknown = [c for c, i in zip(classes, ids) if i not in self.names]
         if unknown:
             raise ValueError(f"unknown class(es) {unknown}; the model has {len(self.names)}: {self.names}")
-        return sorted(set(ids))
+        return sorted({i for i in ids if i is not None})
 
     @torch.inference_mode()
     def forward(self, batch: np.ndarray) -> torch.Tensor:
@@ -157,7 +151,7 @@ def load(model: str, weights: str, imgsz: int, device: str = "auto", base_dir: P
     from ultralytics.data.augment import LetterBox
     from ultralytics.nn.autobackend import AutoBackend
 
-    dev = select_device(device)
+    dev = pick_device(device)
     path = Path(base_dir) / weights
     try:
         if weights == "none":
@@ -168,7 +162,7 @@ def load(model: str, weights: str, imgsz: int, device: str = "auto", base_dir: P
         else:
             source = str(path) if path.is_file() else weights
             yolo = YOLO(source)
-            digest = file_digest(Path(yolo.ckpt_path)) if getattr(yolo, "ckpt_path", None) else weights
+            digest = file_digest(Path(str(yolo.ckpt_path))) if getattr(yolo, "ckpt_path", None) else weights
     except Exception as err:  # ultralytics raises ConnectionError, FileNotFoundError, ...
         raise DetectorError(f"cannot load detector weights {weights!r} (model {model!r}): {err}") from None
     if yolo.task != "detect":
@@ -186,12 +180,3 @@ def load(model: str, weights: str, imgsz: int, device: str = "auto", base_dir: P
         digest=digest,
         _letterbox=LetterBox(imgsz, auto=False, stride=stride),
     )
-
-
-def file_digest(path: Path | str) -> str:
-    """sha256 hex of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

@@ -44,18 +44,24 @@ def tower_blocks(visual: torch.nn.Module) -> tuple[list[str], tuple[str, ...]]:
             "head.",
         )
     stages = [getattr(visual, f"layer{k}", None) for k in range(1, 5)]
-    if all(isinstance(s, torch.nn.Sequential) for s in stages) and hasattr(visual, "attnpool"):
-        return [f"layer{k}.{j}." for k, s in enumerate(stages, 1) for j in range(len(s))], ("attnpool.",)
+    layers = [s for s in stages if isinstance(s, torch.nn.Sequential)]
+    if len(layers) == len(stages) and hasattr(visual, "attnpool"):
+        return [f"layer{k}.{j}." for k, s in enumerate(layers, 1) for j in range(len(s))], ("attnpool.",)
     raise ValueError(
         f"distill.trainable_blocks: the image tower {type(visual).__name__} has neither transformer "
         "blocks nor ResNet stages; train all of it (null)"
     )
 
 
+def image_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The CLIP model's image tower, `model.visual`."""
+    return model.get_submodule("visual")
+
+
 def trainable_names(model: torch.nn.Module, blocks: int | None) -> list[str]:
     """Names of the image-tower parameters that train: all of them (blocks None), or the last
     `blocks` blocks and the head after them (see tower_blocks)."""
-    visual = model.visual
+    visual = image_tower(model)
     names = [f"{VISUAL}{n}" for n, _ in visual.named_parameters()]
     if blocks is None:
         return names
@@ -82,8 +88,9 @@ def set_train_mode(model: torch.nn.Module, freeze_batchnorm: bool = True) -> Non
     Measured on the demo's ResNet tower: statistics drifting on small fine-tuning batches cost
     about a point of retrieval and of zero-shot accuracy."""
     model.eval()
-    model.visual.train()
+    visual = image_tower(model)
+    visual.train()
     if freeze_batchnorm:
-        for module in model.visual.modules():
+        for module in visual.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -143,13 +144,15 @@ def clustered_pool(
         assign = (xn @ centroids.transpose(1, 2)).argmax(-1)  # [B, N]
         onehot = F.one_hot(assign, k).to(x.dtype) * mask[..., None]
         centroids = F.normalize(onehot.transpose(1, 2) @ xn + 1e-12, dim=-1)
-    pooled, used = 0, 0
+    pooled: torch.Tensor | int = 0
+    used: torch.Tensor | int = 0
     for c in range(k):
         member = mask & (assign == c)
         present = member.any(1)
         p = attention_pool(x, member | ~present[:, None] & mask, temperature, bias)
         pooled = pooled + p * present[:, None]
         used = used + present.to(x.dtype)[:, None]
+    assert isinstance(pooled, torch.Tensor)  # k > 1: the loop ran
     return pooled / used
 
 
@@ -201,6 +204,7 @@ class Teacher(nn.Module):
                 return F.normalize((w[..., None] * r).sum(1), dim=-1)
             r2 = self.regions_to_regions(r, r, rmask, log_w)
             return F.normalize(clustered_pool(r2, rmask & (w > 0), temp, k, bias=log_w), dim=-1)
+        assert self.token_in is not None  # inputs "regions_and_caption" build it
         t = self.token_in(b.tokens)
         if cfg.attention == "none":
             g_r = (w[..., None] * r).sum(1)
@@ -212,3 +216,18 @@ class Teacher(nn.Module):
         g_t = clustered_pool(t2, b.token_mask, temp, k)
         g_r = clustered_pool(r2, rmask & (w > 0), temp, k, bias=log_w)
         return F.normalize(F.normalize(g_t, dim=-1) + F.normalize(g_r, dim=-1), dim=-1)
+
+
+class TeacherWithScale(nn.Module):
+    """The teacher and the InfoNCE temperature (as CLIP's log logit scale), saved together."""
+
+    def __init__(self, cfg: TeacherConfig, temperature: float, learnable: bool):
+        super().__init__()
+        self.teacher = Teacher(cfg)
+        self.log_scale = nn.Parameter(torch.tensor(float(np.log(1 / temperature))), requires_grad=learnable)
+
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.clamp(max=float(np.log(100))).exp()  # CLIP's cap on the scale
+
+    def forward(self, b: PairBatch) -> torch.Tensor:
+        return self.teacher(b)
