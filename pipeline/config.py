@@ -3,14 +3,19 @@
 One pydantic model per params section; `load_params` validates the whole file before any stage
 does any work, and every problem is reported with its dotted key and the offending value.
 Relative paths in params are relative to the params file's folder (the repository root).
+
+Defaults have one home: every default here is params.yaml's value (the offline demo), and a test
+keeps the two equal; the paper recipes in configs/ set every key. The library's step settings
+(built by `settings` below) have no defaults of their own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -24,12 +29,10 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.errors import ParamsError
+
 Count = Annotated[int, Field(ge=0, strict=True)]
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
-
-
-class ParamsError(ValueError):
-    """A params file that cannot be used; the message names the file, each key and its value."""
 
 
 class Section(BaseModel):
@@ -44,9 +47,9 @@ class CocoWorld(Section):
     """COCO 2014 splits as Karpathy saw them; the files are written in the 2017 layout."""
 
     train2014: Count = 3000
-    val2014: Count = 1500
+    val2014: Count = 1750
     val2017: Count = 250  # of the val2014 images; the other val2014 images go to train2017
-    karpathy_val: Count = 250  # of the val2014 images
+    karpathy_val: Count = 500  # of the val2014 images
     karpathy_test: Count = 1000  # of the val2014 images; the rest of val2014 is "restval"
 
     @model_validator(mode="after")
@@ -64,7 +67,7 @@ class CocoWorld(Section):
 
 class FlickrWorld(Section):
     train: Count = 1500
-    val: Count = 100
+    val: Count = 250
     test: Count = 500
 
 
@@ -157,10 +160,10 @@ def _open_clip_models() -> frozenset[str]:
 class Clip(Section):
     """A CLIP model: an open_clip architecture and where its weights come from."""
 
-    model: str = "ViT-B-32"
+    model: str = "DCLIP-Demo-RN64"
     # An open_clip pretrained tag (e.g. "openai", fetched by open_clip when online), a path to a
     # checkpoint file, or "none": the real architecture, randomly initialised.
-    pretrained: str = "none"
+    pretrained: str = "demo/weights/clip-DCLIP-Demo-RN64.pt"
     # Where the weights stage writes those weights as a file; what every later stage loads.
     checkpoint: PathStr = "data/weights/clip.pt"
 
@@ -221,10 +224,10 @@ def _ultralytics_assets() -> frozenset[str]:
 class Detector(Section):
     """An ultralytics YOLO detector: its architecture and where its weights come from."""
 
-    model: str = "yolov8x.yaml"  # architecture, used when weights is "none"
+    model: str = "yolov8n.yaml"  # architecture, used when weights is "none"
     # A checkpoint path, an ultralytics release name (e.g. "yolov8x.pt", fetched when online),
     # or "none": the architecture in `model`, randomly initialised.
-    weights: str = "none"
+    weights: str = "demo/weights/yolo-demo-v8n.pt"
     # Where the weights stage writes those weights as a file; what the detect stage loads.
     checkpoint: PathStr = "data/weights/detector.pt"
 
@@ -257,8 +260,8 @@ class Mix(Section):
     """Training pairs per source. The paper's ViT-B mix is coco 42000, flickr30k 10000, cc 15000
     (ViT-L: 85000, 20000, 15000); the demo's is sized for a quick CPU run."""
 
-    coco: Count = 2500
-    flickr30k: Count = 1000
+    coco: Count = 12500
+    flickr30k: Count = 5000
     cc: Count = 1000
 
 
@@ -273,11 +276,11 @@ class Curate(Section):
     mix: Mix = Mix()
     # 1: one caption per image, drawn from seed and id (the paper); "all": every usable caption
     # is a pair (mix counts pairs; the last image may give fewer than all).
-    captions_per_image: Literal[1, "all"] = 1
+    captions_per_image: Literal[1, "all"] = "all"
     caption: CaptionRules = CaptionRules()
     image_size: PositiveInt = 160  # short side of stored images; at least the model's input size
     jpeg_quality: JpegQuality = 90
-    shard_size: PositiveInt = 1000  # samples per WebDataset shard
+    shard_size: PositiveInt = 2000  # samples per WebDataset shard
     workers: PositiveInt = 2  # decoding processes; the output does not depend on it
     out: PathStr = "data/curated"
 
@@ -372,13 +375,13 @@ class Detect(Section):
     """Regions of every training image. The defaults are ultralytics' predict() defaults at the
     paper detector's (YOLOv8x) input size."""
 
-    imgsz: PositiveInt = 640  # side of the square letterbox; a multiple of the model's stride (32)
+    imgsz: PositiveInt = 160  # side of the square letterbox; a multiple of the model's stride (32)
     conf: Fraction = 0.25  # confidence threshold
     iou: Fraction = 0.7  # NMS IoU threshold
-    max_regions: PositiveInt = 10  # per image, the most confident after the area filter
+    max_regions: PositiveInt = 8  # per image, the most confident after the area filter
     # Class ids or names kept (e.g. [person, dog] for a COCO detector); null: every class.
     classes: list[int | str] | None = None
-    min_area_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # of the image's area
+    min_area_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.002  # of the image's area
     batch_size: PositiveInt = 32
     workers: PositiveInt = 2  # decoding threads; the output does not depend on it
     device: Device = "auto"  # auto (CUDA with float16 when present), cpu, cuda or cuda:N
@@ -495,7 +498,7 @@ class Teacher(Section):
     epochs: PositiveInt = 5
     # Whose weights make the targets (the paper's "sweet spot": 2-3), or best: the epoch whose
     # targets retrieve the held-out images' unseen captions best
-    use_epoch: PositiveInt | Literal["best"] = 3
+    use_epoch: PositiveInt | Literal["best"] = "best"
     batch_size: Annotated[int, Field(ge=2, strict=True)] = 128
     lr: PositiveFloat = 5e-4
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
@@ -535,10 +538,10 @@ class Distill(Section):
     freeze_batchnorm: bool = True
     lambda_cos: Annotated[float, Field(ge=0.0)] = 1.0  # pull toward the teacher; 0: the no-teacher ablation
     lambda_anchor: Annotated[float, Field(ge=0.0)] = 0.0  # stay near base CLIP (the paper's ViT-L)
-    epochs: PositiveInt = 2  # the paper: 2
-    batch_size: Annotated[int, Field(ge=2, strict=True)] = 32  # the paper: 32
+    epochs: PositiveInt = 5  # the paper: 2
+    batch_size: Annotated[int, Field(ge=2, strict=True)] = 256  # the paper: 32
     accumulate: PositiveInt = 1  # batches per optimiser step
-    lr: PositiveFloat = 1e-5
+    lr: PositiveFloat = 2e-4  # the paper: 1e-5
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.1
     warmup_steps: Count = 10
     grad_clip: PositiveFloat | None = 1.0
@@ -626,3 +629,27 @@ def load_params(path: Path | str = "params.yaml", only: tuple[str, ...] | None =
     if only is not None and isinstance(raw, dict):
         raw = {k: v for k, v in raw.items() if k in only}
     return parse_params(raw, source=str(path), base_dir=path.parent)
+
+
+# --- params → a step's settings ---------------------------------------------------------------
+
+SettingsT = TypeVar("SettingsT")
+
+
+def settings(cls: type[SettingsT], section: BaseModel, **given: Any) -> SettingsT:
+    """A step's frozen settings (the dataclass `cls`) from its params section: each field from
+    `given`, else from the section's key of the same name. A field found in neither, or a `given`
+    name that is not a field, is an error: a renamed key fails here instead of falling back to a
+    default."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {unknown}")
+    values = {}
+    for name in names:
+        try:  # read key by key (no field listing), so that a reader of the section sees each read
+            values[name] = given[name] if name in given else getattr(section, name)
+        except AttributeError:
+            where = f"{type(section).__name__}.{name}"
+            raise TypeError(f"{cls.__name__}: no params key {where} for its field") from None
+    return cls(**values)
