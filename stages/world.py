@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.world.generate import generate_world
+from pipeline.demo.world.generate import generate_world
 
 
 def run(params_file: Path) -> None:

@@ -14,8 +14,9 @@ import pickle
 import re
 import struct
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -87,7 +88,8 @@ def clip_benchmark_coco_test(entries: list[dict], sizes: dict[int, tuple[int, in
     """CLIP_benchmark's coco_test_karpathy.json: COCO's captions_val2014.json schema cut down to
     the Karpathy test images, file names without a folder, images sorted by id."""
     test = sorted((e for e in entries if e["split"] == "test"), key=lambda e: e["cocoid"])
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for e in test:
         width, height = sizes[e["cocoid"]]
         images.append({"id": e["cocoid"], "file_name": e["filename"], "width": width, "height": height})
@@ -163,7 +165,16 @@ class _Py2Pickler(pickle._Pickler):
     are bytes (b"data"), with encoding="latin1" they are str ("data") — exactly as with the real
     CIFAR files, so either style of reader works."""
 
-    dispatch = dict(pickle._Pickler.dispatch)
+    # typeshed types this table's functions as taking an Unpickler; they take the pickler.
+    dispatch: ClassVar[dict[type, Callable[[Any, Any], None]]] = dict(pickle._Pickler.dispatch)
+
+    if TYPE_CHECKING:  # pickle._Pickler's undocumented internals, absent from typeshed's stub
+
+        def write(self, data: bytes, /) -> None: ...
+
+        def save(self, obj: object) -> None: ...
+
+        def memoize(self, obj: object) -> None: ...
 
     def _save_py2_str(self, obj):
         data = obj.encode("latin-1") if isinstance(obj, str) else bytes(obj)

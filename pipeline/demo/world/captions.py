@@ -19,7 +19,7 @@ from collections import Counter
 
 import numpy as np
 
-from pipeline.world.scene import Obj, Scene
+from pipeline.demo.world.scene import Obj, Scene
 
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 RELATION_MARGIN = 0.15  # centres this far apart (fraction of the image side) along the axis

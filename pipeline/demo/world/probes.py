@@ -15,14 +15,22 @@ only in the way the category names (an attribute, an object, a relation, or thei
 - add_att:     a colour absent from the image given to a shape that is there.
 
 Only objects at least MIN_VISIBLE visible are spoken of, so that a true caption is plainly true.
+
+`write_probe` draws the probe's images and writes its files (sugarcrepe/<category>.json).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 
-from pipeline.world.captions import relation, with_article
-from pipeline.world.scene import COLOURS, SHAPES, Obj, Scene
+from pipeline.config import World
+from pipeline.demo.world import formats
+from pipeline.demo.world.captions import relation, with_article
+from pipeline.demo.world.paint import CAPTION_STREAM, PROBE, GroundTruth, Job, Painter, unique_ids
+from pipeline.demo.world.scene import COLOURS, SHAPES, Obj, Scene
 
 CATEGORIES = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
 MIN_VISIBLE = 0.6
@@ -76,7 +84,7 @@ def probe_pair(scene: Scene, category: str, rng: np.random.Generator) -> tuple[s
         other = _choice(rng, colours_absent)  # add_att
         return None if other is None else (sentence(with_article(shape)), sentence(name(obj, colour=other)))
 
-    pairs = []
+    pairs: list[tuple[Obj, Obj]] = []
     if category == "swap_att":
         for i, a in enumerate(seen):
             for b in seen[i + 1 :]:
@@ -92,23 +100,27 @@ def probe_pair(scene: Scene, category: str, rng: np.random.Generator) -> tuple[s
             sentence(f"{name(a)} and {name(b)}"),
             sentence(f"{name(a, colour=b.colour)} and {name(b, colour=a.colour)}"),
         )
+    text: Callable[..., str]  # an object's words; shape= names another shape
     if category == "replace_rel":
         candidates = kind_seen
         text = name
     elif category == "swap_obj":
         candidates = [o for o in _unique(every, lambda o: o.shape) if o in seen]
 
-        def text(o: Obj, shape: str | None = None) -> str:
+        def shape_only(o: Obj, shape: str | None = None) -> str:
             return with_article(shape or o.shape)
+
+        text = shape_only
     else:
         raise ValueError(f"unknown probe category {category!r}; known: {', '.join(CATEGORIES)}")
+    related: list[tuple[Obj, Obj, str]] = []
     for a in candidates:
         for b in candidates:
             if a is not b and (rel := relation(a, b, scene)) is not None:
-                pairs.append((a, b, rel))
-    if not pairs:
+                related.append((a, b, rel))
+    if not related:
         return None
-    a, b, rel = pairs[int(rng.integers(len(pairs)))]
+    a, b, rel = related[int(rng.integers(len(related)))]
     if category == "replace_rel":
         return (
             sentence(f"{text(a)} {RELATION_WORDS[rel]} {text(b)}"),
@@ -118,3 +130,37 @@ def probe_pair(scene: Scene, category: str, rng: np.random.Generator) -> tuple[s
         sentence(f"{text(a)} {RELATION_WORDS[rel]} {text(b)}"),
         sentence(f"{text(a, shape=b.shape)} {RELATION_WORDS[rel]} {text(b, shape=a.shape)}"),
     )
+
+
+# --- the probe's files --------------------------------------------------------------------------
+
+
+def write_probe(cfg: World, root: Path, painter: Painter, truth: GroundTruth) -> dict:
+    """sugarcrepe/<category>.json and sugarcrepe/images/*.jpg: fresh two- and three-object scenes,
+    each giving at most one item per category; the first `per_category` items of each are kept."""
+    p = cfg.probe
+    ids = unique_ids(cfg.seed, PROBE, p.images, 700_000, 799_999)  # apart from the COCO ids
+    jobs = [Job(PROBE, i, n_objects=2 + i % 2) for i in range(p.images)]
+    folder = root / "sugarcrepe" / "images"
+    folder.mkdir(parents=True)
+    items: dict[str, list[dict]] = {c: [] for c in CATEGORIES}
+    for i, sample in enumerate(painter.paint(jobs, "probe")):
+        name = f"{ids[i]:012d}.jpg"
+        rng = np.random.default_rng([cfg.seed, PROBE, i, CAPTION_STREAM])
+        made = {c: probe_pair(sample.scene, c, rng) for c in CATEGORIES}
+        wanted = {c: pair for c, pair in made.items() if pair is not None and len(items[c]) < p.per_category}
+        if not wanted:
+            continue
+        (folder / name).write_bytes(sample.jpeg)
+        truth.add(f"sugarcrepe/images/{name}", sample.scene)
+        for c, (caption, negative) in wanted.items():
+            items[c].append({"filename": name, "caption": caption, "negative_caption": negative})
+    short = {c: len(v) for c, v in items.items() if len(v) < p.per_category}
+    if short:
+        raise ValueError(
+            f"world.probe.images: {p.images} images gave too few items for {short} "
+            f"(per_category {p.per_category}); raise world.probe.images"
+        )
+    for c, rows in items.items():
+        formats.write_json(root / "sugarcrepe" / f"{c}.json", {str(k): row for k, row in enumerate(rows)})
+    return {"images": len(list(folder.iterdir())), "items": {c: len(v) for c, v in items.items()}}

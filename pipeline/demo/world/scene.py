@@ -16,6 +16,7 @@ Two visual domains, as in reality a CLIP's web pretraining data differs from COC
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,7 +97,13 @@ class Layout:
 def _bg_rgb(rng: np.random.Generator) -> tuple[int, int, int]:
     # Light, low-saturation backgrounds so that no object colour is confused with them.
     base = rng.integers(185, 236)
-    return tuple(int(np.clip(base + d, 0, 255)) for d in rng.integers(-14, 15, size=3))
+    return _rgb(base + d for d in rng.integers(-14, 15, size=3))
+
+
+def _rgb(channels: Iterable[float | np.integer]) -> tuple[int, int, int]:
+    """Three channel values, clipped to 0 … 255."""
+    r, g, b = (int(np.clip(c, 0, 255)) for c in channels)
+    return r, g, b
 
 
 def sample_layout(
@@ -109,7 +116,7 @@ def sample_layout(
     web = domain == "web"
     short = min(width, height)
     boxes: list[tuple[int, int, int, int]] = []
-    items = []
+    items: list[tuple[str, str, str, tuple[int, int, int], int, int, int]] = []
     for _ in range(n_objects):
         shape = SHAPES[rng.integers(len(SHAPES))]
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
@@ -124,9 +131,7 @@ def sample_layout(
                 break
         else:
             continue  # no room: the scene gets one object fewer
-        rgb = tuple(
-            int(np.clip(c + d, 0, 255)) for c, d in zip(COLOURS[colour], rng.integers(-12, 13, size=3))
-        )
+        rgb = _rgb(c + d for c, d in zip(COLOURS[colour], rng.integers(-12, 13, size=3)))
         boxes.append(box)
         items.append((shape, colour, size, rgb, x, y, side))
     return Layout(width, height, _pick_background(rng, domain), _bg_rgb(rng), tuple(items))
@@ -151,7 +156,7 @@ def single_object_layout(
     side = int(round(rng.uniform(*fill) * min(width, height)))
     x = int(rng.integers(0, width - side + 1))
     y = int(rng.integers(0, height - side + 1))
-    rgb = tuple(int(np.clip(c + d, 0, 255)) for c, d in zip(COLOURS[colour], rng.integers(-12, 13, size=3)))
+    rgb = _rgb(c + d for c, d in zip(COLOURS[colour], rng.integers(-12, 13, size=3)))
     size = "small" if side / min(width, height) < SIZES["large"][0] else "large"
     background = _pick_background(rng, domain)
     return Layout(width, height, background, _bg_rgb(rng), ((shape, colour, size, rgb, x, y, side),))
