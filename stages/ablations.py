@@ -49,6 +49,7 @@ from pipeline.ablations import (
     study_table,
     to_markdown,
 )
+from pipeline.errors import DclipError, UsageError
 from stages.outputs import write_json
 
 QUERIES = "metrics/queries/student.parquet"  # the evaluate@student output of every run
@@ -58,7 +59,7 @@ _PLAIN = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./
 _HYDRA_WORDS = {"true", "false", "null", "nan", "inf"}
 
 
-class AblationError(RuntimeError):
+class AblationError(DclipError, RuntimeError):
     pass
 
 
@@ -110,7 +111,7 @@ def _file_data(state: Mapping, kind: str, path: str) -> dict | None:
     return None if entry.get("error") else entry.get("data")
 
 
-def experiments(states: list[Mapping]) -> tuple[dict, str | None, dict[str, Mapping]]:
+def experiments(states: list[Mapping]) -> tuple[Mapping, str | None, dict[str, Mapping]]:
     """From `dvc exp show --json`: the workspace's state, the baseline commit, and the finished
     experiments of that baseline by name (queued, running and failed ones are left out)."""
     workspace = next((s for s in states if s.get("rev") == "workspace"), {})
@@ -222,14 +223,15 @@ def run(
     rerun cheap) unless skip_existing. A failed run does not stop the others; the failures are
     raised together at the end."""
     if seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+        raise UsageError(f"--seeds must be at least 1, got {seeds}")
     chosen = planned(names, seeds, root)
     if dry_run:
         for name, seed in chosen:
             typer.echo(shlex.join(exp_run_command(name, seed)))
         return []
     _, _, _, refs = collect(root)
-    done, failed = [], []
+    done: list[str] = []
+    failed: list[str] = []
     for name, seed in chosen:
         label = run_name(name, seed)
         if (name, seed) in refs:

@@ -3,13 +3,15 @@ that `dclip --help` stays fast."""
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 
-from pipeline.config import ParamsError
+from pipeline.errors import DclipError
 
 app = typer.Typer(help="dclip: Distill CLIP as a DVC pipeline.", no_args_is_help=True, add_completion=False)
 params_app = typer.Typer(help="Inspect and validate params files.", no_args_is_help=True)
@@ -27,47 +29,58 @@ app.add_typer(ablations_app, name="ablations")
 ParamsFile = Annotated[Path, typer.Option("--params", "-p", help="The params file to read.")]
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
-@params_app.command("check")
+def command(
+    group: typer.Typer, name: str | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a command whose refusals (any DclipError) print one `error: …` line and exit with
+    the error's code (2 params, 1 input, 3 a missing upstream output); anything else is a bug and
+    keeps its traceback."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except DclipError as err:
+                _fail(str(err), err.exit_code)
+
+        return group.command(name)(run)
+
+    return register
+
+
+@command(params_app, "check")
 def params_check(file: Annotated[Path, typer.Argument(help="Params file.")] = Path("params.yaml")) -> None:
     """Validate a params file: every section, every key; exit 2 naming each bad key."""
     from pipeline.config import load_params
 
-    try:
-        load_params(file)
-    except ParamsError as err:
-        _fail(str(err))
+    load_params(file)
     typer.echo(f"{file}: ok")
 
 
-@app.command()
+@command(app)
 def world(params: ParamsFile = Path("params.yaml")) -> None:
     """Stage `world`: generate the demo world's raw datasets in their real formats."""
     from stages import world as stage
 
-    try:
-        stage.run(params)
-    except ParamsError as err:
-        _fail(str(err))
+    stage.run(params)
 
 
-@app.command()
+@command(app)
 def weights(params: ParamsFile = Path("params.yaml")) -> None:
     """Stage `weights`: the CLIP and detector weights that params name (a local file, an open_clip
     tag or ultralytics release, or none) as clip.checkpoint and detector.checkpoint."""
     from stages import weights as stage
 
-    try:
-        stage.run(params)
-    except ParamsError as err:
-        _fail(str(err))
+    stage.run(params)
 
 
-@app.command()
+@command(app)
 def curate(
     params: ParamsFile = Path("params.yaml"),
     metrics: Annotated[Path, typer.Option(help="Where the stage's metrics JSON goes.")] = Path(
@@ -76,18 +89,12 @@ def curate(
 ) -> None:
     """Stage `curate`: training shards from COCO, Flickr30k and CC with the Karpathy val/test
     images kept out; the Karpathy test sets and zero-shot sets as evaluation shards."""
-    from pipeline.sources import SourceError
     from stages import curate as stage
 
-    try:
-        stage.run(params, metrics)
-    except ParamsError as err:
-        _fail(str(err))
-    except SourceError as err:
-        _fail(str(err), code=1)
+    stage.run(params, metrics)
 
 
-@app.command()
+@command(app)
 def detect(
     params: ParamsFile = Path("params.yaml"),
     metrics: Annotated[Path, typer.Option(help="Where the stage's metrics JSON goes.")] = Path(
@@ -95,18 +102,12 @@ def detect(
     ),
 ) -> None:
     """Stage `detect`: YOLO regions of every training image (resumable per shard)."""
-    from pipeline.models.detector import DetectorError
     from stages import detect as stage
 
-    try:
-        stage.run(params, metrics)
-    except ParamsError as err:
-        _fail(str(err))
-    except DetectorError as err:
-        _fail(str(err), code=1)
+    stage.run(params, metrics)
 
 
-@app.command()
+@command(app)
 def embed(
     params: ParamsFile = Path("params.yaml"),
     metrics: Annotated[Path, typer.Option(help="Where the stage's metrics JSON goes.")] = Path(
@@ -115,45 +116,30 @@ def embed(
 ) -> None:
     """Stage `embed`: CLIP embeddings of every training pair (image, regions, caption, tokens,
     region weights) as Parquet tables and teacher-ready shards (resumable per shard)."""
-    from pipeline.embed import EmbedError
     from stages import embed as stage
 
-    try:
-        stage.run(params, metrics)
-    except ParamsError as err:
-        _fail(str(err))
-    except EmbedError as err:
-        _fail(str(err), code=1)
+    stage.run(params, metrics)
 
 
-@app.command("train-teacher")
+@command(app, "train-teacher")
 def train_teacher(params: ParamsFile = Path("params.yaml")) -> None:
     """Stage `train_teacher`: the cross-modal meta-teacher on the embed cache (resumable per
     epoch), then the teacher image embedding of every training pair."""
     from stages import train_teacher as stage
 
-    try:
-        stage.run(params)
-    except ParamsError as err:
-        _fail(str(err))
+    stage.run(params)
 
 
-@app.command()
+@command(app)
 def distill(params: ParamsFile = Path("params.yaml")) -> None:
     """Stage `distill`: the CLIP student — image tower fine-tuned toward the teacher targets, text
     tower frozen and checked by hash (resumable per epoch); models/student.pt."""
-    from pipeline.distill import DistillError
     from stages import distill as stage
 
-    try:
-        stage.run(params)
-    except ParamsError as err:
-        _fail(str(err))
-    except DistillError as err:
-        _fail(str(err), code=1)
+    stage.run(params)
 
 
-@app.command()
+@command(app)
 def evaluate(
     model: Annotated[str, typer.Option(help="The model's name: base, student, … (names its outputs).")] = (
         "base"
@@ -171,15 +157,10 @@ def evaluate(
     zero-shot top-1/top-5 of one CLIP checkpoint on the curated evaluation sets."""
     from stages import evaluate as stage
 
-    try:
-        stage.run(params, model, weights, metrics_dir)
-    except ParamsError as err:
-        _fail(str(err))
-    except (FileNotFoundError, ValueError) as err:
-        _fail(str(err), code=1)
+    stage.run(params, model, weights, metrics_dir)
 
 
-@app.command()
+@command(app)
 def report(
     models: Annotated[
         list[str] | None,
@@ -210,20 +191,14 @@ def report(
     if ablations:
         from stages import ablations as ablations_stage
 
-        try:
-            ablations_stage.report(models, metrics_dir, seeds=seeds, rev=rev)
-        except (ablations_stage.AblationError, ValueError) as err:
-            _fail(str(err), code=1)
+        ablations_stage.report(models, metrics_dir, seeds=seeds, rev=rev)
         return
     if not models:
         _fail("name at least one model (or use --ablations)")
-    try:
-        stage.run(models, metrics_dir)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(str(err), code=1)
+    stage.run(models, metrics_dir)
 
 
-@app.command("regions-quality")
+@command(app, "regions-quality")
 def regions_quality(
     images: Annotated[
         int, typer.Option(min=1, help="Training images to sample (each with its boxes).")
@@ -239,15 +214,10 @@ def regions_quality(
     metrics/regions_quality.json. A teacher on regions can add no more than this."""
     from stages import region_quality as stage
 
-    try:
-        stage.run(params, images, margin or [0.0, 0.25, 0.5, 1.0], seed)
-    except ParamsError as err:
-        _fail(str(err))
-    except ValueError as err:
-        _fail(str(err), code=1)
+    stage.run(params, images, margin or [0.0, 0.25, 0.5, 1.0], seed)
 
 
-@ablations_app.command("run")
+@command(ablations_app, "run")
 def ablations_run(
     names: Annotated[
         list[str] | None, typer.Argument(help="Ablations to run (default: all); `dclip ablations list`.")
@@ -265,15 +235,10 @@ def ablations_run(
     `dclip report --ablations` for the study table with intervals."""
     from stages import ablations as stage
 
-    try:
-        stage.run(names, seeds=seeds, skip_existing=skip_existing, dry_run=dry_run)
-    except ValueError as err:
-        _fail(str(err))
-    except stage.AblationError as err:
-        _fail(str(err), code=1)
+    stage.run(names, seeds=seeds, skip_existing=skip_existing, dry_run=dry_run)
 
 
-@ablations_app.command("list")
+@command(ablations_app, "list")
 def ablations_list() -> None:
     """Every ablation: its row of Table 4, its params overrides and its command."""
     from stages import ablations as stage
@@ -281,7 +246,7 @@ def ablations_list() -> None:
     typer.echo(stage.describe())
 
 
-@demo_app.command("train-models")
+@command(demo_app, "train-models")
 def train_models(
     work: Annotated[Path, typer.Option(help="Scratch folder for the pretraining split and runs.")] = Path(
         "data/demo-pretrain"
@@ -307,25 +272,43 @@ def train_models(
 
     if only not in ("both", "clip", "yolo"):
         _fail(f"--only must be both, clip or yolo, got {only!r}")
-    try:
-        stage.run(
-            params,
-            work,
-            train_images,
-            val_images,
-            clip_epochs,
-            yolo_epochs,
-            yolo_images,
-            single_object_fraction,
-            hard_fraction,
-            only,
-            seed,
-        )
-    except ParamsError as err:
-        _fail(str(err))
+    stage.run(
+        params,
+        work,
+        train_images,
+        val_images,
+        clip_epochs,
+        yolo_epochs,
+        yolo_images,
+        single_object_fraction,
+        hard_fraction,
+        only,
+        seed,
+    )
 
 
-@config_app.command("list")
+@command(demo_app, "cards")
+def demo_cards(
+    only: Annotated[str, typer.Option(help="both, clip or yolo")] = "both",
+    weights: Annotated[Path, typer.Option(help="Folder of the weights and their cards.")] = Path(
+        "demo/weights"
+    ),
+    params: ParamsFile = Path("params.yaml"),
+) -> None:
+    """Measure the committed demo weights again on the fresh images their cards name, with the
+    project's metric definitions (pipeline.metrics), and rewrite the cards' quality fields; the
+    training provenance is kept."""
+    import json
+
+    from stages import demo_models as stage
+
+    if only not in ("both", "clip", "yolo"):
+        _fail(f"--only must be both, clip or yolo, got {only!r}")
+    for name, quality in stage.cards(params, weights, only).items():
+        typer.echo(f"{name}: {json.dumps(quality)}")
+
+
+@command(config_app, "list")
 def config_list(params: ParamsFile = Path("params.yaml")) -> None:
     """The recipes in configs/ (whole params files); `*` marks the one params.yaml is now."""
     from stages import recipes
@@ -336,7 +319,7 @@ def config_list(params: ParamsFile = Path("params.yaml")) -> None:
         typer.echo(f"{mark} {recipe.name:<20} {recipe.title}")
 
 
-@config_app.command("use")
+@command(config_app, "use")
 def config_use(
     name: Annotated[str, typer.Argument(help="A recipe in configs/, e.g. paper-vit-b32.")],
     force: Annotated[bool, typer.Option("--force", help="Overwrite uncommitted edits to params.")] = False,
@@ -348,12 +331,7 @@ def config_use(
     brings the demo back."""
     from stages import recipes
 
-    try:
-        recipe = recipes.use(name, params, force)
-    except recipes.UncommittedError as err:
-        _fail(str(err), code=1)
-    except recipes.RecipeError as err:
-        _fail(str(err))
+    recipe = recipes.use(name, params, force)
     typer.echo(
         f"{params} is now {recipe.path.relative_to(params.parent)} ({recipe.name}).\n"
         f"Run the study with `dvc repro dvc.yaml` (the demo world is not part of it);\n"

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 from pipeline.captions import clip_token_counter
-from pipeline.config import ParamsError, load_params
-from pipeline.curate import SourcePaths, curate
+from pipeline.config import load_params, settings
+from pipeline.curate import Settings, SourcePaths, curate
+from pipeline.errors import ParamsError
 from stages.outputs import write_json
 
 METRICS = Path("metrics/curate.json")
@@ -33,7 +34,9 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
             f"clip.model {params.clip.model!r} ({context}); longer captions would be cut by the tokenizer"
         )
     start = time.perf_counter()
-    metrics = curate(params.curate, paths, root / params.curate.out, count_tokens, max_tokens, progress)
+    cfg = params.curate
+    step = settings(Settings, cfg, mix=cfg.mix.model_dump(), max_tokens=max_tokens)
+    metrics = curate(step, paths, root / cfg.out, count_tokens, cfg.workers, progress)
     seconds = time.perf_counter() - start
     write_json(root / metrics_file, metrics)
     pairs = {s: metrics["train"][s]["kept_pairs"] for s in ("coco", "flickr30k", "cc")}

@@ -6,9 +6,10 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.config import ParamsError, load_params
-from pipeline.embed import Settings, embed, load_encoder
-from stages.outputs import write_json
+from pipeline.config import load_params, settings
+from pipeline.embed import Settings, embed
+from pipeline.models.clip import load_encoder
+from stages.outputs import require, write_json
 
 METRICS = Path("metrics/embed.json")
 
@@ -19,16 +20,12 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
     cfg = params.embed
     curated = root / params.curate.out
     train, manifest, regions = curated / "train", curated / "train.parquet", root / params.detect.out
-    for path, stage in ((train, "curate"), (manifest, "curate"), (regions, "detect")):
-        if not path.exists():
-            raise ParamsError(f"{params_file}: {path} does not exist; run the {stage} stage first")
     checkpoint = root / params.clip.checkpoint
-    if not checkpoint.is_file():
-        raise ParamsError(
-            f"{params_file}: clip.checkpoint: {checkpoint} does not exist; run the weights stage first"
-        )
+    require(
+        params_file, [(train, "curate"), (manifest, "curate"), (regions, "detect"), (checkpoint, "weights")]
+    )
     encoder = load_encoder(params.clip.model, str(checkpoint), cfg.device)
-    settings = embed_settings(cfg)
+    step = settings(Settings, cfg)
     start = time.perf_counter()
     metrics = embed(
         sorted(train.glob("*.tar")),
@@ -37,7 +34,7 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
         root / cfg.out,
         root / cfg.scratch,
         encoder,
-        settings,
+        step,
         cfg.workers,
         progress,
     )
@@ -47,13 +44,3 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
     summary.update(seconds=round(seconds, 1), device=str(encoder.device), amp=encoder.amp)
     print(json.dumps(summary))
     return metrics
-
-
-def embed_settings(cfg) -> Settings:
-    """The embed computation's settings from the `embed` params section."""
-    return Settings(
-        context_margin=cfg.context_margin,
-        weights=cfg.weights,
-        max_regions=cfg.max_regions,
-        batch_size=cfg.batch_size,
-    )

@@ -15,10 +15,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from pipeline.config import Clip, ParamsError, load_params, looks_like_path
-from pipeline.evaluate import Encoder, curve_rows, evaluate, images_per_second, queries_table
-from pipeline.models.clip import create
+from pipeline.evaluate import SetEncoder, curve_rows, evaluate, images_per_second, queries_table
+from pipeline.models.clip import Encoder, create
+from pipeline.runtime import pick_device
 from pipeline.tables import write_table
-from pipeline.train import pick_device
 from stages.outputs import write_json
 
 METRICS_DIR = Path("metrics")
@@ -62,7 +62,7 @@ def run(
         raise ParamsError(f"{params_file}: evaluate.device: {err}") from None
     resolved = str(root / weights) if looks_like_path(weights) else weights
     net, preprocess, tokenizer = create(params.clip.model, resolved, device)
-    encoder = Encoder(net, preprocess, tokenizer, device, cfg.batch_size, cfg.workers, progress)
+    encoder = SetEncoder(Encoder(net, preprocess, tokenizer, device), cfg.batch_size, cfg.workers, progress)
     start = time.perf_counter()
     result = evaluate(encoder, root / params.curate.out, cfg.datasets, cfg.prompts)
     seconds = time.perf_counter() - start

@@ -1,13 +1,26 @@
-"""What every stage does with its outputs: metrics JSON written atomically, DVCLive curves, and
-the scratch folders of earlier runs cleared away."""
+"""What every stage does with its inputs and outputs: upstream outputs checked, metrics JSON written
+atomically, DVCLive curves, and the scratch folders of earlier runs cleared away."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline.tables import atomic_file
+from pipeline.errors import MissingOutput
+from pipeline.files import atomic_file
+
+
+def require(params_file: Path, outputs: Iterable[tuple[Path, str]]) -> None:
+    """Each (path, stage) is an output of an earlier stage that this one reads; when any is
+    missing, the pipeline state is at fault (not the params): say which stage to run."""
+    missing = [(path, stage) for path, stage in outputs if not path.exists()]
+    if missing:
+        raise MissingOutput(
+            f"{params_file}: "
+            + "; ".join(f"{path} does not exist; run the {stage} stage first" for path, stage in missing)
+        )
 
 
 def write_json(path: Path, obj: dict, sort_keys: bool = False) -> None:

@@ -15,15 +15,18 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ParamsError, parse_params
+from pipeline.config import parse_params
+from pipeline.errors import ParamsError
 
 
-class RecipeError(ValueError):
+class RecipeError(ParamsError):
     """A recipe that cannot be used; the message says why and what to do."""
 
 
 class UncommittedError(RecipeError):
     """params.yaml has changes that switching would lose."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -69,19 +72,19 @@ def validate(recipe: Recipe, params_file: Path) -> None:
         raise RecipeError(str(err)) from None
 
 
-def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess | None:
-    try:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-    except FileNotFoundError:  # no git at all: nothing to protect
-        return None
+def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
 
 
 def uncommitted(params_file: Path) -> bool:
     """Whether params_file differs from the last commit (staged or not), or is not committed at all.
     Outside a git repository (or without git) there is nothing to compare with: False."""
     root, name = params_file.parent, params_file.name
-    inside = _git(["rev-parse", "--is-inside-work-tree"], root)
-    if inside is None or inside.returncode != 0 or inside.stdout.strip() != "true":
+    try:
+        inside = _git(["rev-parse", "--is-inside-work-tree"], root)
+    except FileNotFoundError:  # no git at all: nothing to protect
+        return False
+    if inside.returncode != 0 or inside.stdout.strip() != "true":
         return False
     if not params_file.exists():
         return False

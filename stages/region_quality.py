@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 from pipeline import region_quality
-from pipeline.config import ParamsError, load_params
+from pipeline.config import load_params
 from pipeline.models.clip import create
-from stages.outputs import write_json
+from stages.outputs import require, write_json
 
 OUT = Path("metrics/regions_quality.json")
 
@@ -19,9 +19,7 @@ def run(params_file: Path, images: int, margins: list[float], seed: int = 0) -> 
     root = params_file.parent
     curated, table = root / params.curate.out, root / params.detect.out
     weights = root / params.clip.checkpoint
-    for path, stage in ((table, "detect"), (curated / "train.parquet", "curate"), (weights, "weights")):
-        if not path.is_file():
-            raise ParamsError(f"{params_file}: {path} does not exist; run the {stage} stage first")
+    require(params_file, [(table, "detect"), (curated / "train.parquet", "curate"), (weights, "weights")])
     sample, names = region_quality.sample_images(table, curated / "train.parquet", images, seed)
     model, preprocess, tokenizer = create(params.clip.model, str(weights))
     result = {

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.errors import MissingOutput
+from pipeline.files import atomic_file
 from pipeline.report import compare, to_markdown
-from pipeline.tables import atomic_file
 
 METRICS_DIR = Path("metrics")
 
@@ -15,7 +16,7 @@ METRICS_DIR = Path("metrics")
 def run(models: list[str], metrics_dir: Path = METRICS_DIR) -> dict:
     missing = [m for m in models if not (metrics_dir / f"{m}.json").is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingOutput(
             f"no metrics for {', '.join(missing)} in {metrics_dir}/: run `dclip evaluate --model NAME` first"
         )
     results = {m: json.loads((metrics_dir / f"{m}.json").read_text()) for m in models}
