@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dclip-installed
-# Nothing downloads at run time: models and datasets are local (see README).
+# Nothing downloads at run time: models and datasets are local (see docs/real-data.md).
 export HF_HUB_OFFLINE := 1
 export YOLO_OFFLINE := 1
 # dvc runs each stage's `dclip …` command through a shell: put the environment first on PATH.
@@ -24,11 +24,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
+# mypy checks the files that pyproject.toml's [tool.mypy] names: pipeline/ and stages/.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
