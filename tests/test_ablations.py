@@ -29,7 +29,7 @@ from pipeline.config import parse_params
 from pipeline.evaluate import QUERY_SCHEMA
 from stages.ablations import exp_run_command, experiments, hydra_value, set_param_args, workspace_seed
 
-from .conftest import REPO, sh
+from .helpers import REPO, sh
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 

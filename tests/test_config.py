@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from pipeline.config import ParamsError, load_params, parse_params
 from stages.cli import app
 
-from .conftest import REPO
+from .helpers import REPO
 
 
 def default_raw() -> dict:
@@ -210,3 +210,70 @@ def test_other_captions_need_every_caption_of_an_image():
     assert "other_captions needs every caption of an image" in refused(raw)
     # A stage validating only the teacher section cannot know curate's setting: no error there.
     assert parse_params({"teacher": raw["teacher"]}, base_dir=REPO).teacher.target == "other_captions"
+
+
+def test_the_schema_defaults_are_params_yaml_s_values():
+    """Defaults have one home: the schema's defaults are the demo's params.yaml, key for key."""
+    from pipeline.config import Params
+
+    written = parse_params(yaml.safe_load((REPO / "params.yaml").read_text()), base_dir=REPO)
+    assert Params().model_dump() == written.model_dump()
+
+
+def test_step_settings_have_no_defaults_of_their_own():
+    """The library's settings dataclasses take every field from params: none has a default that
+    could drift from params.yaml's."""
+    import dataclasses
+
+    from pipeline import curate, detect, distill, embed, teach
+    from pipeline.train import Optimisation
+
+    for cls in (
+        curate.Settings,
+        detect.Settings,
+        embed.Settings,
+        distill.Settings,
+        teach.Settings,
+        Optimisation,
+    ):
+        defaulted = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        ]
+        assert defaulted == [], f"{cls.__module__}.{cls.__name__}: {defaulted}"
+
+
+def test_settings_come_from_the_section_and_fail_loudly_on_a_missing_or_unknown_field():
+    from pipeline import detect
+    from pipeline.config import Params, settings
+
+    section = Params().detect
+    got = settings(detect.Settings, section, classes=(0, 2))
+    assert got == detect.Settings(
+        conf=section.conf,
+        iou=section.iou,
+        classes=(0, 2),
+        max_regions=8,
+        min_area_fraction=0.002,
+        batch_size=section.batch_size,
+    )
+    # A section without one of the fields (here: embed has no conf) is refused, not defaulted.
+    with pytest.raises(TypeError, match=r"Settings: no params key Embed.conf for its field"):
+        settings(detect.Settings, Params().embed)
+    with pytest.raises(TypeError, match=r"Settings has no field\(s\) \['iou_threshold'\]"):
+        settings(detect.Settings, section, iou_threshold=0.5)
+
+
+def test_the_teacher_architecture_s_defaults_are_the_params_defaults():
+    """TeacherConfig keeps defaults (it is built in many places as a model config), so they must
+    be params.yaml's: a second value for the same knob would drift."""
+    import dataclasses
+
+    from pipeline.config import Params
+    from pipeline.models.teacher import TeacherConfig
+
+    section = Params().teacher
+    for f in dataclasses.fields(TeacherConfig):
+        if f.default is not dataclasses.MISSING and f.name in type(section).model_fields:
+            assert f.default == getattr(section, f.name), f.name

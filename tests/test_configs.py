@@ -17,7 +17,7 @@ from pipeline.config import load_params
 from stages import recipes
 from stages.cli import app
 
-from .conftest import make_pipeline_repo, sh
+from .helpers import make_pipeline_repo, sh
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

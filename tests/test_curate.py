@@ -16,10 +16,12 @@ from PIL import Image
 
 from pipeline.captions import check_captions, clean_caption, clip_token_counter
 from pipeline.config import Curate, ParamsError
+from pipeline.config import settings as build_settings
 from pipeline.curate import (
     CHUNK,
     EXCLUDED_REASONS,
     Decoder,
+    Settings,
     SourcePaths,
     curate,
     key_stem,
@@ -50,8 +52,21 @@ def paths_for(world: Path) -> SourcePaths:
     )
 
 
+def run_curate(cfg: Curate, paths: SourcePaths, out: Path, count, max_tokens: int, progress: bool = False):
+    """The library's curate with the settings its stage builds from a `curate` section."""
+    step = build_settings(Settings, cfg, mix=cfg.mix.model_dump(), max_tokens=max_tokens)
+    return curate(step, paths, out, count, cfg.workers, progress)
+
+
 def settings(coco: int, flickr30k: int, cc: int, **kw) -> Curate:
-    raw = {"mix": {"coco": coco, "flickr30k": flickr30k, "cc": cc}, "shard_size": 8, "workers": 1, **kw}
+    # One caption per image unless a test asks for all (the demo's params.yaml pairs every caption).
+    raw = {
+        "mix": {"coco": coco, "flickr30k": flickr30k, "cc": cc},
+        "captions_per_image": 1,
+        "shard_size": 8,
+        "workers": 1,
+        **kw,
+    }
     return Curate.model_validate(raw)
 
 
@@ -63,7 +78,7 @@ def tokens():
 
 def run(world: Path, out: Path, cfg: Curate, tokens, max_tokens: int | None = None) -> dict:
     count, context = tokens
-    return curate(cfg, paths_for(world), out, count, max_tokens or context, progress=False)
+    return run_curate(cfg, paths_for(world), out, count, max_tokens or context, progress=False)
 
 
 def rejects(out: Path) -> list[dict]:
@@ -567,7 +582,7 @@ def test_clip_benchmark_files_give_the_same_test_sets_as_karpathys_json(
     out, metrics = everything
     count, context = tokens
     other = tmp_path / "curated"
-    got = curate(
+    got = run_curate(
         settings(3, 3, 3), with_clip_benchmark(paths_for(tiny_world)), other, count, context, progress=False
     )
     assert got["test"]["coco"].pop("annotations") == "coco_test_karpathy.json"
@@ -602,7 +617,7 @@ def test_an_image_only_clip_benchmarks_file_calls_test_is_held_out_of_training(t
     count, context = tokens
     paths = with_clip_benchmark(paths_for(tiny_world), coco_test=edited)
     out = tmp_path / "curated"
-    metrics = curate(settings(1000, 0, 0), paths, out, count, context, progress=False)
+    metrics = run_curate(settings(1000, 0, 0), paths, out, count, context, progress=False)
     assert str(extra.cocoid) not in {r["id"] for r in manifest(out)}
     refused = {(r["source"], r["id"]): r for r in rejects(out)}
     assert refused[("coco", str(extra.cocoid))]["reason"] == "heldout_id"
@@ -618,7 +633,7 @@ def test_a_coco_test_file_name_without_an_id_is_named(tiny_world, tmp_path, toke
     edited.write_text(json.dumps(doc))
     count, context = tokens
     with pytest.raises(SourceError, match=r"coco_test_karpathy\.json: images\[1\]\.file_name: no COCO id"):
-        curate(
+        run_curate(
             settings(1, 0, 0),
             with_clip_benchmark(paths_for(tiny_world), edited),
             tmp_path / "o",
@@ -659,7 +674,7 @@ def test_a_missing_probe_image_drops_its_items_and_is_recorded(tiny_world, tmp_p
     (images / gone).unlink()
     count, context = tokens
     out = tmp_path / "curated"
-    metrics = curate(
+    metrics = run_curate(
         settings(1, 0, 0),
         replace(paths_for(tiny_world), sugarcrepe_images=images),
         out,

@@ -22,11 +22,11 @@ from pipeline.detect import REGIONS_SCHEMA, Settings
 from pipeline.models import detector as yolo
 from pipeline.shards import ShardWriter
 
-from .conftest import REPO
+from .helpers import REPO
 
 WEIGHTS = REPO / "demo" / "weights" / "yolo-demo-v8n.pt"
 IMGSZ = 160  # the demo detector's training size
-ALL = Settings(conf=0.25, iou=0.7, max_regions=300, min_area_fraction=0.0, batch_size=8)
+ALL = Settings(conf=0.25, iou=0.7, classes=None, max_regions=300, min_area_fraction=0.0, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_a_batch_gives_predicts_batch_boxes_exactly(model, pool, demo_images, tm
 def test_area_filter_and_max_regions_keep_the_most_confident(model, pool, demo_images, tmp_path):
     shard = write_shard(tmp_path, [(k, {"jpg": b}) for k, b in demo_images])
     full = det.detect_shard(shard, model, ALL, pool).to_pylist()
-    some = Settings(conf=0.25, iou=0.7, max_regions=1, min_area_fraction=0.05, batch_size=8)
+    some = Settings(conf=0.25, iou=0.7, classes=None, max_regions=1, min_area_fraction=0.05, batch_size=8)
     cut = det.detect_shard(shard, model, some, pool).to_pylist()
     assert sum(r["regions"] for r in cut) < sum(r["regions"] for r in full)
     for a, b in zip(full, cut):
@@ -389,5 +389,8 @@ def test_stage_refuses_unknown_classes_and_missing_shards(demo_images, tmp_path)
         stage.run(params, progress=False)
     shutil.rmtree(tmp_path / "curated")
     result = CliRunner().invoke(app, ["detect", "--params", str(params)])
-    assert result.exit_code == 2
-    assert "curate.out:" in result.output and "run the curate stage first" in result.output
+    assert result.exit_code == 3  # the pipeline's state, not the params, is at fault
+    assert (
+        result.output.startswith("error: ")
+        and "curated/train does not exist; run the curate stage first" in result.output
+    )

@@ -17,7 +17,7 @@ from pipeline.models.clip import create
 from pipeline.models.student import frozen_hash
 from pipeline.shards import ShardWriter
 from pipeline.tables import write_table
-from pipeline.train import Optimisation
+from tests.helpers import optimisation
 
 MODEL = "DCLIP-Demo-RN64"
 N = 12
@@ -129,22 +129,32 @@ def test_a_cached_pair_whose_image_no_longer_decodes_is_an_error(world):
         )
 
 
+def student_settings(
+    weights: DistillWeights = WITH_TEACHER, freeze_batchnorm: bool = True
+) -> distill.Settings:
+    return distill.Settings(
+        trainable_blocks=None,
+        freeze_batchnorm=freeze_batchnorm,
+        lambda_cos=weights.cos,
+        lambda_anchor=weights.anchor,
+        batch_size=4,
+    )
+
+
 def train(
     root, model, preprocess, ckpt, weights=WITH_TEACHER, epochs=2, t=None, transform=None, on_step=None
 ):
-    opt = Optimisation(epochs=epochs, lr=1e-4, weight_decay=0.1, warmup_steps=1, grad_clip=1.0, seed=0)
+    opt = optimisation(epochs=epochs, lr=1e-4, weight_decay=0.1, warmup_steps=1, grad_clip=1.0)
     return distill.train_student(
         model,
-        None,
-        weights,
+        student_settings(weights),
         opt,
         shards(root),
         t or targets(root),
         transform or preprocess,
-        4,
-        2,
         ckpt,
         torch.device("cpu"),
+        workers=2,
         progress=False,
         on_step=on_step,
     )
@@ -270,10 +280,10 @@ def test_batchnorm_statistics_stay_the_base_models(world):
     assert all(torch.equal(b, buffers[n]) for n, b in trained.visual.named_buffers())
     # ... and they would drift without the freeze: the test can fail.
     model.load_state_dict(state)
-    opt = Optimisation(epochs=1, lr=1e-4, weight_decay=0.1, warmup_steps=1, grad_clip=1.0, seed=0)
+    opt = optimisation(epochs=1, lr=1e-4, weight_decay=0.1, warmup_steps=1, grad_clip=1.0)
     drifted, _, _ = distill.train_student(
-        model, None, WITH_TEACHER, opt, shards(root), targets(root), preprocess, 4, 2, root / "drift",
-        torch.device("cpu"), progress=False, freeze_batchnorm=False,
+        model, student_settings(freeze_batchnorm=False), opt, shards(root), targets(root), preprocess,
+        root / "drift", torch.device("cpu"), workers=2, progress=False,
     )  # fmt: skip
     moved = [
         n for n, b in drifted.visual.named_buffers() if "running_mean" in n and not torch.equal(b, buffers[n])

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from .conftest import CURATE_MIX, TINY_WORLD, restore, sh
+from .helpers import CURATE_MIX, TINY_WORLD, restore, sh
 
 pytestmark = pytest.mark.e2e
 

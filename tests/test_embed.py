@@ -8,7 +8,7 @@ import hashlib
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +25,17 @@ from pipeline import images
 from pipeline.config import ParamsError, parse_params
 from pipeline.curate import TRAIN_SCHEMA
 from pipeline.detect import REGIONS_SCHEMA
+from pipeline.errors import MissingOutput
+from pipeline.models import clip
 from pipeline.models.clip import encode_tokens
 from pipeline.shards import ShardWriter, read_shard
 from pipeline.tables import write_table
 
-from .conftest import REPO
+from .helpers import REPO
 
 DEMO = "DCLIP-Demo-RN64"
 DEMO_WEIGHTS = REPO / "demo" / "weights" / "clip-DCLIP-Demo-RN64.pt"
-SETTINGS = emb.Settings(batch_size=4)
+SETTINGS = emb.Settings(context_margin=0.0, weights="product", max_regions=None, batch_size=4)
 
 
 @dataclass
@@ -107,8 +109,8 @@ ITEMS = [
 
 
 @pytest.fixture(scope="module")
-def demo_encoder() -> emb.Encoder:
-    return emb.load_encoder(DEMO, str(DEMO_WEIGHTS), "cpu")
+def demo_encoder() -> clip.Encoder:
+    return clip.load_encoder(DEMO, str(DEMO_WEIGHTS), "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +235,7 @@ def test_crops_are_preprocessed_by_the_model_transform_bit_for_bit(demo_encoder)
     got = demo_encoder.model_input(pixels)
     assert torch.equal(got, want) and got.is_contiguous()
     # Any other transform runs whole, crop by crop.
-    other = emb.Encoder(
+    other = clip.Encoder(
         demo_encoder.net, lambda c: demo_encoder.preprocess(c) * 2, None, demo_encoder.device, 128, "x"
     )
     assert other._split is None and torch.equal(other.model_input(other.pixels(crops)), want * 2)
@@ -339,13 +341,13 @@ def test_an_image_with_several_captions_is_encoded_once(demo_encoder, tmp_path, 
     ]
     shards, manifest, regions_table = make_dataset(tmp_path, items, shard_size=4)
     encoded = []
-    real = emb.Encoder.images
+    real = clip.Encoder.encode_images
 
-    def counting(self, pixels):
+    def counting(self, pixels, normalize=False):
         encoded.append(len(pixels))
-        return real(self, pixels)
+        return real(self, pixels, normalize)
 
-    monkeypatch.setattr(emb.Encoder, "images", counting)
+    monkeypatch.setattr(clip.Encoder, "encode_images", counting)
     emb.embed(
         shards, manifest, regions_table, tmp_path / "out", tmp_path / "s", demo_encoder, SETTINGS, 2, False
     )
@@ -367,12 +369,12 @@ def test_an_image_with_several_captions_is_encoded_once(demo_encoder, tmp_path, 
 @pytest.mark.parametrize(("model", "dim"), [("ViT-B-32", 512), ("ViT-L-14", 768)])
 def test_shapes_for_paper_models_with_random_weights(model, dim, tmp_path):
     shards, manifest, regions_table = make_dataset(tmp_path, ITEMS[:2], shard_size=2)
-    encoder = emb.load_encoder(model, "none", "cpu")
+    encoder = clip.load_encoder(model, "none", "cpu")
     assert encoder.dim == dim and encoder.digest == f"{model}:none@seed0"
     plan = emb.Plan.read(manifest).shard("00000.tar")
     dets = emb.read_detections(regions_table, "00000.tar")
     with ThreadPoolExecutor(2) as pool:
-        part = emb.embed_shard(shards[0], dets, plan, encoder, emb.Settings(batch_size=8), pool)
+        part = emb.embed_shard(shards[0], dets, plan, encoder, replace(SETTINGS, batch_size=8), pool)
     assert part.tables["regions"].num_rows == 3 + 1
     assert part.tables["images"].schema.field("embedding").type.list_size == dim
     for key, fields in part.teacher:
@@ -383,8 +385,8 @@ def test_shapes_for_paper_models_with_random_weights(model, dim, tmp_path):
 
 
 def test_random_weights_are_the_same_every_load():
-    a = emb.load_encoder(DEMO, "none", "cpu").net.state_dict()
-    b = emb.load_encoder(DEMO, "none", "cpu").net.state_dict()
+    a = clip.load_encoder(DEMO, "none", "cpu").net.state_dict()
+    b = clip.load_encoder(DEMO, "none", "cpu").net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -414,7 +416,7 @@ def test_a_killed_run_resumes_with_only_the_missing_shards(
             raise KeyboardInterrupt  # a kill between shards
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(emb, "embed_shard", dies_on_the_second)
+    monkeypatch.setattr(emb.run, "embed_shard", dies_on_the_second)
     with pytest.raises(KeyboardInterrupt):
         run(dataset, demo_encoder, tmp_path)
     assert not (tmp_path / "out").exists()
@@ -433,10 +435,10 @@ def test_a_killed_run_resumes_with_only_the_missing_shards(
 
 def test_other_settings_are_another_run_whose_parts_replace_the_old(dataset, demo_encoder, tmp_path):
     out, scratch = tmp_path / "out", tmp_path / "scratch"
-    run(dataset, demo_encoder, tmp_path, emb.Settings(batch_size=4, weights="uniform"))
+    run(dataset, demo_encoder, tmp_path, replace(SETTINGS, weights="uniform"))
     assert by_key(out, "captions")["p0"]["weights"] == [pytest.approx(1 / 3)] * 3
     first_run = {p.name for p in scratch.iterdir()}
-    run(dataset, demo_encoder, tmp_path, emb.Settings(batch_size=4, max_regions=2, context_margin=0.5))
+    run(dataset, demo_encoder, tmp_path, replace(SETTINGS, max_regions=2, context_margin=0.5))
     assert len(first_run | {p.name for p in scratch.iterdir()}) == 2 and len(list(scratch.iterdir())) == 1
     assert by_key(out, "images", "image")["p4"]["regions"] == 2  # the whole image and the best box
     box = [r for r in pq.read_table(out / "regions.parquet").to_pylist() if r["image"] == "p5"][1]
@@ -514,5 +516,5 @@ def test_stage_writes_embeddings_and_metrics(dataset, tmp_path):
     assert json.loads((tmp_path / "m.json").read_text()) == metrics and metrics["pairs"] == 5
     raw["detect"]["out"] = str(tmp_path / "missing.parquet")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    with pytest.raises(ParamsError, match="run the detect stage first"):
+    with pytest.raises(MissingOutput, match="missing.parquet does not exist; run the detect stage first"):
         stage.run(tmp_path / "params.yaml", tmp_path / "m.json", progress=False)

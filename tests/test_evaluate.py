@@ -21,20 +21,20 @@ from pipeline.config import ParamsError, parse_params
 from pipeline.evaluate import (
     CURVE_MAX_K,
     SINGLE_PROMPT,
-    Encoder,
+    SetEncoder,
     evaluate,
     prompt_templates,
     queries_table,
 )
-from pipeline.models.clip import create
+from pipeline.models.clip import Encoder, create
+from pipeline.runtime import pick_device
 from pipeline.shards import ShardWriter, read_shard
-from pipeline.train import pick_device
 from stages import curate as curate_stage
 from stages import evaluate as evaluate_stage
 from stages import weights as weights_stage
 from stages.cli import app
 
-from .conftest import REPO
+from .helpers import REPO
 
 ALL_SETS = ["coco_val", "flickr30k_val", "coco", "flickr30k", "imagenet", "cifar10", "cifar100", "sugarcrepe"]
 
@@ -61,9 +61,10 @@ def demo_clip():
     return create("DCLIP-Demo-RN64", str(REPO / "demo" / "weights" / "clip-DCLIP-Demo-RN64.pt"))
 
 
-def encoder(demo_clip, **kw) -> Encoder:
+def encoder(demo_clip, **kw) -> SetEncoder:
     net, preprocess, tokenizer = demo_clip
-    return Encoder(net, preprocess, tokenizer, progress=False, **{"batch_size": 16, "workers": 0, **kw})
+    clip = Encoder(net, preprocess, tokenizer, torch.device("cpu"))
+    return SetEncoder(clip, progress=False, **{"batch_size": 16, "workers": 0, **kw})
 
 
 def manifest(project: Path, path: str) -> list[dict]:
@@ -341,7 +342,7 @@ def test_stage_refuses_bad_models_with_exit_2(project, args, message):
 
 def test_report_needs_the_metrics(tmp_path):
     result = CliRunner().invoke(app, ["report", "base", "student", "--metrics-dir", str(tmp_path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert "no metrics for base, student" in result.output
 
 

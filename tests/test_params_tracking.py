@@ -19,7 +19,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from .conftest import restore, sh
+from .helpers import restore, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +46,7 @@ def covered(key: str, listed: set[str]) -> bool:
 
 def listed_params() -> dict[str, set[str]]:
     """Stage → params keys listed in the project's dvc.yaml files."""
-    from .conftest import REPO
+    from .helpers import REPO
 
     out = {}
     for file in ("dvc.yaml", "demo/dvc.yaml"):

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from pipeline import region_quality as rq
+from pipeline.demo.world.paint import PRETRAIN, Job, make_sample
+from pipeline.demo.world.scene import SHAPES
 from pipeline.models.clip import create
 from pipeline.shards import ShardWriter
 from pipeline.tables import write_table
-from pipeline.world.generate import PRETRAIN, Job, make_sample
-from pipeline.world.scene import SHAPES
 
-from .conftest import REPO
+from .helpers import REPO
 
 
 def test_zero_shot_accuracy_exact():

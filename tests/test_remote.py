@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import sh
+from .helpers import sh
 
 pytestmark = [
     pytest.mark.e2e,

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.sources import SourceError, read_sugarcrepe
 from pipeline.sources.sugarcrepe import CATEGORIES
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 REAL = REPO.parent / "shared" / "benchmarks" / "sugarcrepe"
 COUNTS = {

@@ -137,7 +137,7 @@ def test_concat_parquet_refuses_a_part_of_another_schema_and_leaves_nothing(tmp_
 
 
 def test_atomic_file_replaces_on_success_and_leaves_nothing_on_failure(tmp_path):
-    from pipeline.tables import atomic_file
+    from pipeline.files import atomic_file
 
     path = tmp_path / "sub" / "out.txt"
     with atomic_file(path) as tmp:

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import teach
+from pipeline import teach, teacher_pairs, teacher_validation
 from pipeline.models.teacher import TeacherConfig
 from pipeline.shards import ShardWriter
-from pipeline.train import Optimisation
+from tests.helpers import optimisation
 
 D = 16
 
@@ -61,12 +61,12 @@ def cache(tmp_path):
 
 
 def data(shards, batch=8, val=0.2, seed=0, prior=False):
-    return teach.Data(tuple(shards), batch, val, seed, prior=prior)
+    return teacher_pairs.Data(tuple(shards), batch, val, seed, prior=prior)
 
 
 def test_pairs_read_back_with_their_shapes(cache):
     shards, keys = cache
-    pairs = [p for s in shards for p in teach.read_pairs(s)]
+    pairs = [p for s in shards for p in teacher_pairs.read_pairs(s)]
     assert [p.key for p in pairs] == keys
     p = pairs[5]  # i = 5: image 1, two regions; two tokens
     assert p.regions.shape == (2, D) and p.weights.shape == (2,) and p.tokens.shape == (2, D)
@@ -85,49 +85,55 @@ def test_a_sample_missing_a_member_is_named(tmp_path):
         ValueError,
         match=r"sample k1: missing weights\.npy, prior\.npy, tokens\.npy, caption\.npy, image\.npy, json",
     ):
-        list(teach.read_pairs(next(tmp_path.glob("*.tar"))))
+        list(teacher_pairs.read_pairs(next(tmp_path.glob("*.tar"))))
 
 
 def test_the_validation_slice_holds_whole_images(cache):
     shards, _ = cache
-    val = teach.validation_pairs(data(shards))
+    val = teacher_pairs.validation_pairs(data(shards))
     images = {p.image_id for p in val}
     assert images and len(val) == 3 * len(images)  # every caption of a held-out image
 
 
 def test_the_validation_slice_is_fixed_by_key_and_seed():
     keys = [f"k{i}" for i in range(4000)]
-    chosen = [k for k in keys if teach.is_validation(k, 0.1, 0)]
+    chosen = [k for k in keys if teacher_pairs.is_validation(k, 0.1, 0)]
     assert 330 < len(chosen) < 470
-    assert chosen == [k for k in keys if teach.is_validation(k, 0.1, 0)]
-    assert chosen != [k for k in keys if teach.is_validation(k, 0.1, 1)]
+    assert chosen == [k for k in keys if teacher_pairs.is_validation(k, 0.1, 0)]
+    assert chosen != [k for k in keys if teacher_pairs.is_validation(k, 0.1, 1)]
 
 
 def test_an_epoch_visits_every_training_pair_once_in_a_seeded_order(cache):
     shards, keys = cache
     d = data(shards, batch=7)
-    val = {p.key for p in teach.validation_pairs(d)}
-    assert val and teach.count_training_pairs(d) == len(keys) - len(val)
+    val = {p.key for p in teacher_pairs.validation_pairs(d)}
+    assert val and teacher_pairs.count_training_pairs(d) == len(keys) - len(val)
 
     def captions(epoch):
-        return [tuple(c.tolist()) for b in teach.train_batches(d, epoch) for c in b.caption]
+        return [tuple(c.tolist()) for b in teacher_pairs.train_batches(d, epoch) for c in b.caption]
 
     one = captions(1)
     assert len(one) == len(set(one)) and len(one) >= len(keys) - len(val) - 1  # a last single pair drops
     assert one == captions(1) and one != captions(2)
-    batches = list(teach.train_batches(d, 1))
+    batches = list(teacher_pairs.train_batches(d, 1))
     assert all(b.regions.shape[0] == b.caption.shape[0] <= 7 for b in batches)
     assert all(torch.allclose(b.caption.norm(dim=-1), torch.ones(len(b.caption))) for b in batches)
 
 
 def settings(epochs=4):
-    return TeacherConfig(dim=D, heads=2), Optimisation(epochs=epochs, lr=3e-3, optimizer="adam", seed=0)
+    return TeacherConfig(dim=D, heads=2), optimisation(epochs=epochs, lr=3e-3, optimizer="adam")
+
+
+def train(cfg, opt, d, temperature, learnable, checkpoints, device, *args, target="paper", **kw):
+    """teach.train_teacher with the temperature and target given plainly."""
+    step = teach.Settings(temperature=temperature, learnable_temperature=learnable, target=target)
+    return teach.train_teacher(cfg, step, opt, d, checkpoints, device, *args, **kw)
 
 
 def test_training_validates_every_epoch_and_lowers_the_validation_loss(cache, tmp_path):
     shards, _ = cache
     cfg, opt = settings(epochs=6)
-    model, history, reference = teach.train_teacher(
+    model, history, reference = train(
         cfg, opt, data(shards), 0.07, True, tmp_path / "ckpt", torch.device("cpu"), progress=False
     )
     assert [h["epoch"] for h in history] == list(range(1, 7))
@@ -143,7 +149,7 @@ def test_training_validates_every_epoch_and_lowers_the_validation_loss(cache, tm
 def test_a_killed_training_resumes_to_the_same_teacher(cache, tmp_path):
     shards, _ = cache
     cfg, opt = settings(epochs=3)
-    full, _, _ = teach.train_teacher(
+    full, _, _ = train(
         cfg, opt, data(shards), 0.07, True, tmp_path / "a", torch.device("cpu"), progress=False
     )
 
@@ -152,10 +158,8 @@ def test_a_killed_training_resumes_to_the_same_teacher(cache, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        teach.train_teacher(
-            cfg, opt, data(shards), 0.07, True, tmp_path / "b", torch.device("cpu"), kill, progress=False
-        )
-    resumed, history, _ = teach.train_teacher(
+        train(cfg, opt, data(shards), 0.07, True, tmp_path / "b", torch.device("cpu"), kill, progress=False)
+    resumed, history, _ = train(
         cfg, opt, data(shards), 0.07, True, tmp_path / "b", torch.device("cpu"), progress=False
     )
     assert len(history) == 3
@@ -167,9 +171,7 @@ def test_targets_cover_every_pair_keyed_and_normalised(cache, tmp_path):
     shards, keys = cache
     cfg, opt = settings(epochs=2)
     d = data(shards)
-    model, _, _ = teach.train_teacher(
-        cfg, opt, d, 0.07, False, tmp_path / "ckpt", torch.device("cpu"), progress=False
-    )
+    model, _, _ = train(cfg, opt, d, 0.07, False, tmp_path / "ckpt", torch.device("cpu"), progress=False)
     teach.load_epoch(model, tmp_path / "ckpt", 1, "cpu")
     out = tmp_path / "targets.parquet"
     assert teach.write_targets(model, d, out, "cpu", D) == (len(keys), 0)
@@ -179,9 +181,9 @@ def test_targets_cover_every_pair_keyed_and_normalised(cache, tmp_path):
     emb = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
     assert emb.shape == (len(keys), D) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=2e-3)
     # The targets are the teacher's output for each pair.
-    pairs = [p for s in shards for p in teach.read_pairs(s)]
+    pairs = [p for s in shards for p in teacher_pairs.read_pairs(s)]
     with torch.no_grad():
-        direct = model(teach.collate(pairs[:3])).numpy()
+        direct = model(teacher_pairs.collate(pairs[:3])).numpy()
     assert np.allclose(emb[:3], direct, atol=2e-3)
     with pytest.raises(ValueError, match=r"teacher.use_epoch: no checkpoint for epoch 9"):
         teach.load_epoch(model, tmp_path / "ckpt", 9, "cpu")
@@ -193,13 +195,13 @@ def test_the_memory_cache_reads_each_shard_once_and_changes_nothing(cache, tmp_p
     shards, keys = cache
     cfg, opt = settings(epochs=2)
     reads = []
-    real = teach.read_pairs
-    monkeypatch.setattr(teach, "read_pairs", lambda s: reads.append(s) or real(s))
+    real = teacher_pairs.read_pairs
+    monkeypatch.setattr(teacher_pairs, "read_pairs", lambda s: reads.append(s) or real(s))
     results = {}
     for name, budget in (("memory", 1 << 30), ("stream", 0)):
         reads.clear()
-        d = teach.Data(tuple(shards), 8, 0.2, 0, memory_cache_bytes=budget)
-        model, history, _ = teach.train_teacher(
+        d = teacher_pairs.Data(tuple(shards), 8, 0.2, 0, memory_cache_bytes=budget)
+        model, history, _ = train(
             cfg, opt, d, 0.07, False, tmp_path / name, torch.device("cpu"), progress=False
         )
         teach.write_targets(model, d, tmp_path / f"{name}.parquet", "cpu", D)
@@ -217,7 +219,7 @@ def pair(key, image, caption, region=None):
     c = np.asarray(caption, np.float16)
     r = np.asarray([region if region is not None else caption], np.float16)
     one = np.ones(1, np.float32)
-    return teach.Pair(key, image, r, one, one, c[None], c, r[0])
+    return teacher_pairs.Pair(key, image, r, one, one, c[None], c, r[0])
 
 
 def test_unseen_validation_scores_each_target_on_captions_it_did_not_see():
@@ -231,30 +233,30 @@ def test_unseen_validation_scores_each_target_on_captions_it_did_not_see():
     ]
     # A "teacher" that returns the pair's own caption: the paper's leak in its purest form.
     own = torch.tensor(np.stack([p.caption for p in pairs]), dtype=torch.float32)
-    paper = teach.unseen_validation(own, pairs, "paper", seed=0)
+    paper = teacher_validation.unseen_validation(own, pairs, "paper", seed=0)
     # Scored against the OTHER caption, orthogonal to the drawn one: a tie at 0 everywhere, which
     # counts against the query, so R@1 is 0 — not the 1.0 that scoring the seen caption gives.
     assert paper["images"] == 2 and paper["captions"] == 2
     assert paper["unseen_t2i_R@1"] == 0.0 and paper["cos_own_caption"] == pytest.approx(1.0)
     # other_captions: the mean of the other captions' outputs (here: the other caption), scored
     # against the drawn caption — orthogonal again.
-    others = teach.unseen_validation(own, pairs, "other_captions", seed=0)
+    others = teacher_validation.unseen_validation(own, pairs, "other_captions", seed=0)
     assert others["captions"] == 2 and others["cos_own_caption"] == pytest.approx(0.0)
     # regions: one target per image, scored against all its captions; the base image embedding
     # (here region 0) is scored on the same captions.
     region = torch.tensor(np.stack([p.regions[0] for p in pairs]), dtype=torch.float32)
-    reg = teach.unseen_validation(region, pairs, "regions", seed=0)
+    reg = teacher_validation.unseen_validation(region, pairs, "regions", seed=0)
     assert reg["captions"] == 4 and reg["unseen_t2i_R@1"] == reg["base_t2i_R@1"]
     assert reg["cos_base_image"] == pytest.approx(1.0)
     # One caption per image leaves nothing unseen for a conditioned target.
-    assert teach.unseen_validation(own[::2], pairs[::2], "paper", seed=0) == {}
+    assert teacher_validation.unseen_validation(own[::2], pairs[::2], "paper", seed=0) == {}
 
 
 def test_other_captions_targets_average_the_image_s_other_pairs(cache, tmp_path):
     shards, keys = cache
     cfg, opt = settings(epochs=1)
     d = data(shards)
-    model, _, _ = teach.train_teacher(cfg, opt, d, 0.07, True, tmp_path / "ckpt", "cpu", progress=False)
+    model, _, _ = train(cfg, opt, d, 0.07, True, tmp_path / "ckpt", "cpu", progress=False)
     paper, others = tmp_path / "paper.parquet", tmp_path / "others.parquet"
     teach.write_targets(model, d, paper, "cpu", D, "paper")
     assert teach.write_targets(model, d, others, "cpu", D, "other_captions") == (len(keys), 0)
@@ -277,7 +279,7 @@ def test_an_image_with_one_caption_has_no_other_captions_target(tmp_path):
     shards, keys = write_cache(tmp_path / "t", n=10, per_image=1)
     cfg, opt = settings(epochs=1)
     d = data(shards)
-    model, _, _ = teach.train_teacher(cfg, opt, d, 0.07, True, tmp_path / "ckpt", "cpu", progress=False)
+    model, _, _ = train(cfg, opt, d, 0.07, True, tmp_path / "ckpt", "cpu", progress=False)
     out = tmp_path / "o.parquet"
     assert teach.write_targets(model, d, out, "cpu", D, "other_captions") == (0, 10)
     assert pq.read_table(out).schema.metadata[b"pairs_without_target"] == b"10"
@@ -288,18 +290,18 @@ def test_an_image_with_one_caption_has_no_other_captions_target(tmp_path):
 def test_a_regions_teacher_reads_no_caption(cache, tmp_path):
     shards, _ = cache
     cfg = TeacherConfig(dim=D, heads=2, inputs="regions")
-    opt = Optimisation(epochs=1, lr=3e-3, optimizer="adam", seed=0)
+    opt = optimisation(epochs=1, lr=3e-3, optimizer="adam")
     d = data(shards, prior=True)
-    model, history, _ = teach.train_teacher(
+    model, history, _ = train(
         cfg, opt, d, 0.07, True, tmp_path / "ckpt", "cpu", progress=False, target="regions"
     )
     assert "val_unseen_t2i_R@1" in history[0]
-    pairs = [p for s in shards for p in teach.read_pairs(s)][:3]  # one image, three captions
+    pairs = [p for s in shards for p in teacher_pairs.read_pairs(s)][:3]  # one image, three captions
     with torch.no_grad():
-        out = model(teach.collate(pairs, prior=True))
+        out = model(teacher_pairs.collate(pairs, prior=True))
     assert torch.allclose(out[0], out[1], atol=1e-6) and torch.allclose(out[0], out[2], atol=1e-6)
     with pytest.raises(ValueError, match="do not go together"):
-        teach.train_teacher(cfg, opt, d, 0.07, True, tmp_path / "x", "cpu", progress=False, target="paper")
+        train(cfg, opt, d, 0.07, True, tmp_path / "x", "cpu", progress=False, target="paper")
 
 
 def test_the_best_epoch_is_the_best_on_unseen_captions():
@@ -308,6 +310,6 @@ def test_the_best_epoch_is_the_best_on_unseen_captions():
         {"epoch": 2, "val_unseen_t2i_R@1": 0.3, "val_unseen_i2t_R@1": 0.5},
         {"epoch": 3, "val_unseen_t2i_R@1": 0.5, "val_unseen_i2t_R@1": 0.3},
     ]
-    assert teach.best_epoch(history) == 2  # a tie on the mean goes to the earlier epoch
+    assert teacher_validation.best_epoch(history) == 2  # a tie on the mean goes to the earlier epoch
     with pytest.raises(ValueError, match="use_epoch: best needs the unseen-caption validation"):
-        teach.best_epoch([{"epoch": 1, "val_loss": 1.0}])
+        teacher_validation.best_epoch([{"epoch": 1, "val_loss": 1.0}])

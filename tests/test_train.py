@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.train import Optimisation, Trainer, contrastive_batches, lr_factor
+from tests.helpers import optimisation
 
 
 def test_lr_factor_warms_up_then_decays_per_step_to_zero():
@@ -27,7 +28,7 @@ def make(tmp, epochs=3, accumulate=1, batch=16, dropout=0.2):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(dropout), torch.nn.Linear(8, 1))
     x, y = problem()
-    cfg = Optimisation(
+    cfg = optimisation(
         epochs=epochs, lr=1e-2, weight_decay=0.01, warmup_steps=2, grad_clip=1.0, accumulate=accumulate
     )
     trainer = Trainer(
@@ -99,20 +100,35 @@ def test_accumulating_two_half_batches_equals_one_full_batch(tmp_path):
 
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError):
-        Optimisation(epochs=0, lr=1e-3)
+        optimisation(epochs=0, lr=1e-3)
     with pytest.raises(ValueError):
-        Optimisation(epochs=1, lr=1e-3, amp="fp8")
+        optimisation(epochs=1, lr=1e-3, amp="fp8")
 
 
 def test_contrastive_batches_drop_only_a_lone_last_pair():
     assert [contrastive_batches(n, 4) for n in (0, 1, 4, 5, 6, 11, 12)] == [0, 0, 1, 1, 2, 3, 3]
 
 
-def test_optimisation_picks_its_settings_from_a_section():
-    section = {"epochs": 3, "lr": 0.1, "grad_clip": 2.0, "heads": 8, "out": "x", "seed": 4}
-    assert Optimisation.pick(section, optimizer="adam") == Optimisation(
-        epochs=3, lr=0.1, grad_clip=2.0, seed=4, optimizer="adam"
+def test_optimisation_is_built_from_a_section_and_a_missing_key_fails_loudly():
+    from pipeline.config import Params, settings
+
+    section = Params().distill.model_copy(update={"epochs": 3, "lr": 0.1, "grad_clip": 2.0, "seed": 4})
+    assert settings(Optimisation, section, optimizer="adam") == optimisation(
+        epochs=3,
+        lr=0.1,
+        grad_clip=2.0,
+        seed=4,
+        optimizer="adam",
+        weight_decay=section.weight_decay,
+        warmup_steps=section.warmup_steps,
+        accumulate=section.accumulate,
+        amp=section.amp,
     )
+    # The teacher section has no accumulate key: leaving it out is an error, not a default.
+    with pytest.raises(TypeError, match=r"no params key Teacher.accumulate"):
+        settings(Optimisation, Params().teacher, optimizer="adam", amp="auto")
+    with pytest.raises(TypeError, match=r"has no field\(s\) \['momentum'\]"):
+        settings(Optimisation, Params().distill, optimizer="adam", momentum=0.9)
 
 
 def test_weight_decay_spares_1d_parameters_and_embeddings():

@@ -15,7 +15,7 @@ from pipeline.config import ParamsError
 from pipeline.models.clip import create
 from pipeline.weights import WeightsError, fetch_clip, fetch_detector
 
-from .conftest import REPO
+from .helpers import REPO
 
 DEMO_CLIP = REPO / "demo" / "weights" / "clip-DCLIP-Demo-RN64.pt"
 DEMO_YOLO = REPO / "demo" / "weights" / "yolo-demo-v8n.pt"

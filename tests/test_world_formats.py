@@ -18,11 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.world.captions import plural
-from pipeline.world.generate import CIFAR10_TEST, Job, generate_pretrain_split, generate_world, make_sample
-from pipeline.world.scene import SHAPES, WARM_COLOURS
+from pipeline.demo.pretrain import generate_pretrain_split
+from pipeline.demo.world.captions import plural
+from pipeline.demo.world.generate import generate_world
+from pipeline.demo.world.paint import CIFAR10_TEST, Job, make_sample
+from pipeline.demo.world.scene import SHAPES, WARM_COLOURS
 
-from .conftest import TINY_WORLD
+from .helpers import TINY_WORLD
 
 
 def load(path: Path):

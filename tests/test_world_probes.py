@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.world.probes import CATEGORIES, probe_pair
-from pipeline.world.scene import COLOURS, SHAPES, Obj, Scene
-from tests.conftest import TINY_WORLD
+from pipeline.demo.world.probes import CATEGORIES, probe_pair
+from pipeline.demo.world.scene import COLOURS, SHAPES, Obj, Scene
+from tests.helpers import TINY_WORLD
 
 COLOUR = "|".join(COLOURS)
 SHAPE = "|".join(SHAPES)

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.world import captions as cap
-from pipeline.world.scene import (
+from pipeline.demo.world import captions as cap
+from pipeline.demo.world.scene import (
     COLOURS,
     SHAPES,
     Layout,
@@ -178,7 +178,7 @@ def test_captions_are_distinct_and_counts_are_right(seed, style):
 
 
 def test_web_layouts_are_bigger_and_draw_their_own_backgrounds():
-    from pipeline.world.scene import BACKGROUNDS, SIZES, WEB_BACKGROUNDS, WEB_SIZES
+    from pipeline.demo.world.scene import BACKGROUNDS, SIZES, WEB_BACKGROUNDS, WEB_SIZES
 
     curated = [sample_layout(np.random.default_rng(i), 160, 128, 1) for i in range(300)]
     web = [sample_layout(np.random.default_rng(i), 160, 128, 1, domain="web") for i in range(300)]
@@ -232,7 +232,7 @@ def test_web_captions_are_distinct_short_and_name_only_what_is_there(seed):
 
 
 def test_web_captions_know_every_word_of_the_curated_captions_but_seldom_describe():
-    from pipeline.world.generate import WEB, Job, make_sample
+    from pipeline.demo.world.paint import WEB, Job, make_sample
 
     rng = np.random.default_rng(0)
     web_words, curated_words, descriptive, n = Counter(), Counter(), 0, 0
