@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,7 +78,11 @@ def predict_ips(weights: str, shards: list[Path], imgsz: int, settings: Settings
 
     pil = [images.decode(s["jpg"]) for shard in shards for _k, s in read_shard(shard)][:n]
     model = YOLO(weights)
-    kwargs = dict(imgsz=imgsz, conf=settings.conf, iou=settings.iou, device="cpu", verbose=False)
+    # Any: a dict of mixed values would be typed dict[str, object], which predict's typed
+    # keywords do not accept.
+    kwargs: dict[str, Any] = dict(
+        imgsz=imgsz, conf=settings.conf, iou=settings.iou, device="cpu", verbose=False
+    )
     model.predict(pil[: settings.batch_size], batch=settings.batch_size, **kwargs)
     start = time.perf_counter()
     for i in range(0, len(pil), settings.batch_size):

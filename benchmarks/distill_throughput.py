@@ -92,14 +92,35 @@ def stage(spec, shards, targets, batch: int, workers: int, pairs: int) -> tuple[
     """(steady step images/s, whole-call images/s) of one epoch of the stage's training loop."""
     torch.manual_seed(0)
     model, preprocess, _ = create(*spec)
-    opt = Optimisation(epochs=1, lr=1e-5, weight_decay=0.1, warmup_steps=1, grad_clip=1.0)
+    # Fixed, not from params, so that the stage does what `bare` does: every image-tower block
+    # trains, BatchNorm frozen (set_train_mode's default), DistillWeights()'s loss (no anchor:
+    # `restrict` keeps no anchor vectors), AdamW with the same lr, decay and clipping, one step a
+    # batch, float32 (amp auto is off on the CPU).
+    weights = DistillWeights()
+    cfg = distill.Settings(
+        trainable_blocks=None,
+        freeze_batchnorm=True,
+        lambda_cos=weights.cos,
+        lambda_anchor=weights.anchor,
+        batch_size=batch,
+    )
+    opt = Optimisation(
+        epochs=1,
+        lr=1e-5,
+        weight_decay=0.1,
+        warmup_steps=1,
+        grad_clip=1.0,
+        accumulate=1,
+        optimizer="adamw",
+        amp="auto",
+        seed=0,
+    )
     ends: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         distill.train_student(
-            model, None, DistillWeights(), opt, shards, targets, preprocess, batch, workers,
-            Path(tmp), torch.device("cpu"), progress=False,
-            on_step=lambda step, losses: ends.append(time.perf_counter()),
+            model, cfg, opt, shards, targets, preprocess, Path(tmp), torch.device("cpu"), workers,
+            progress=False, on_step=lambda step, losses: ends.append(time.perf_counter()),
         )  # fmt: skip
         whole = pairs / (time.perf_counter() - start)
     full = pairs // batch  # steps with a whole batch; a last partial batch is left out

@@ -1,10 +1,12 @@
 """Throughput and memory of the embed stage, measured in one run.
 
-    python benchmarks/embed_throughput.py [--curated data/curated] [--regions data/regions.parquet]
-        [--pairs 400] [--pairs-b32 64] [--rss-pairs 500] [--repeats 2] [--threads 1]
+    python benchmarks/embed_throughput.py [--params params.yaml] [--curated data/curated]
+        [--regions data/regions.parquet] [--pairs 400] [--pairs-b32 64] [--rss-pairs 500]
+        [--repeats 2] [--threads 1]
 
 For the demo CLIP and a random-initialised ViT-B-32, on the same pairs of the curated demo shards
-and their detect regions (computed with the demo detector when --regions does not exist):
+and their detect regions (computed with the demo detector when --regions does not exist), with
+the params' embed settings (and detect settings for those regions), --batch-size aside:
 
 - the stage: `pipeline.embed.embed` on a fresh scratch folder (decode, crop, preprocess, image
   and text towers, weights, Parquet and teacher shards), crops/s and captions/s;
@@ -34,7 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,17 +46,24 @@ import pyarrow.parquet as pq
 import torch
 
 import pipeline.embed as emb
-from pipeline import images, regions
+from pipeline import config, images, regions
+from pipeline.config import Params, load_params
 from pipeline.curate import TRAIN_SCHEMA
 from pipeline.detect import REGIONS_SCHEMA
+from pipeline.models.clip import ClipModel, Encoder, load_encoder
 from pipeline.shards import ShardWriter, read_shard
 from pipeline.tables import write_table
 
 DEMO = ("DCLIP-Demo-RN64", "demo/weights/clip-DCLIP-Demo-RN64.pt")
 B32 = ("ViT-B-32", "none")
+# The stage's inputs, as subset makes them: the shards, the manifest and the regions table. A
+# fixed-length tuple, so that mypy can check `emb.embed(*data, ...)`.
+Data = tuple[list[Path], Path, Path]
 
 
-def subset(curated: Path, regions_table: Path, out: Path, pairs: int, copies: int = 1, shard_size: int = 250):
+def subset(
+    curated: Path, regions_table: Path, out: Path, pairs: int, copies: int = 1, shard_size: int = 250
+) -> Data:
     """The first `pairs` training pairs as their own curated shards, manifest and regions table,
     `copies` times under new keys; returns (shards, manifest, regions)."""
     samples = []
@@ -75,16 +86,16 @@ def subset(curated: Path, regions_table: Path, out: Path, pairs: int, copies: in
         for c in range(copies):
             for key, sample in samples:
                 new = f"{key}-x{c}"
-                shard = writer.write(new, sample)
+                written = writer.write(new, sample)
                 rows.append(
                     {
                         **manifest[key],
                         "key": new,
                         "image": f"{manifest[key]['image']}-x{c}",
-                        "shard": f"train/{shard}",
+                        "shard": f"train/{written}",
                     }
                 )
-                det_rows.append({**dets[key], "key": new, "shard": shard})
+                det_rows.append({**dets[key], "key": new, "shard": written})
     write_table(out / "curated" / "train.parquet", rows, TRAIN_SCHEMA)
     write_table(out / "regions.parquet", det_rows, REGIONS_SCHEMA)
     return (
@@ -94,7 +105,7 @@ def subset(curated: Path, regions_table: Path, out: Path, pairs: int, copies: in
     )
 
 
-def stage(data, encoder: emb.Encoder, settings: emb.Settings, work: Path) -> tuple[float, float, dict]:
+def stage(data: Data, encoder: Encoder, settings: emb.Settings, work: Path) -> tuple[float, float, dict]:
     """Wall and CPU seconds (every thread of this process) of the whole stage, and its metrics."""
     shutil.rmtree(work, ignore_errors=True)
     start, cpu = time.perf_counter(), time.process_time()
@@ -102,7 +113,7 @@ def stage(data, encoder: emb.Encoder, settings: emb.Settings, work: Path) -> tup
     return time.perf_counter() - start, time.process_time() - cpu, metrics
 
 
-def bare_inputs(data, encoder: emb.Encoder, settings: emb.Settings) -> tuple[list[torch.Tensor], list[str]]:
+def bare_inputs(data: Data, encoder: Encoder, settings: emb.Settings) -> tuple[list[torch.Tensor], list[str]]:
     """The stage's crops, preprocessed, in batches; and the captions."""
     shards, _, regions_table = data
     crops, captions = [], []
@@ -120,23 +131,24 @@ def bare_inputs(data, encoder: emb.Encoder, settings: emb.Settings) -> tuple[lis
 
 
 @torch.inference_mode()
-def bare(encoder: emb.Encoder, batches: list[torch.Tensor], captions: list[str], b: int) -> tuple[float, ...]:
+def bare(encoder: Encoder, batches: list[torch.Tensor], captions: list[str], b: int) -> tuple[float, ...]:
     """Wall and CPU seconds of encode_image over the batches, and wall seconds of encode_text
     over the captions."""
+    net = cast(ClipModel, encoder.net)  # the model itself, not the Encoder's methods
     start, cpu = time.perf_counter(), time.process_time()
     for x in batches:
-        encoder.net.encode_image(x)
+        net.encode_image(x)
     t_img, cpu_img = time.perf_counter() - start, time.process_time() - cpu
     start = time.perf_counter()
     for i in range(0, len(captions), b):
-        encoder.net.encode_text(encoder.tokenizer(captions[i : i + b]))
+        net.encode_text(encoder.tokenizer(captions[i : i + b]))
     return t_img, cpu_img, time.perf_counter() - start
 
 
 def throughput(
-    name: str, spec: tuple[str, str], data, settings: emb.Settings, repeats: int, work: Path
+    name: str, spec: tuple[str, str], data: Data, settings: emb.Settings, repeats: int, work: Path
 ) -> dict:
-    encoder = emb.load_encoder(*spec, device="cpu")
+    encoder = load_encoder(*spec, device="cpu")
     batches, captions = bare_inputs(data, encoder, settings)
     bare(encoder, batches[:1], captions[: settings.batch_size], settings.batch_size)  # warm-up
     best = dict.fromkeys(("stage", "stage_cpu", "img", "img_cpu", "txt"), float("inf"))
@@ -164,15 +176,17 @@ def throughput(
     return row
 
 
-def rss_child(folder: Path) -> None:
-    """In a fresh process: the whole stage on the data in `folder`, then the peak RSS."""
+def rss_child(params_file: Path, folder: Path) -> None:
+    """In a fresh process: the whole stage on the data in `folder`, with the params' embed
+    settings as they are, then the peak RSS."""
     data = (
         sorted((folder / "curated" / "train").glob("*.tar")),
         folder / "curated" / "train.parquet",
         folder / "regions.parquet",
     )
-    encoder = emb.load_encoder(*DEMO, device="cpu")
-    metrics = emb.embed(*data, folder / "out", folder / "scratch", encoder, emb.Settings(), 2, False)
+    encoder = load_encoder(*DEMO, device="cpu")
+    step = config.settings(emb.Settings, load_params(params_file).embed)
+    metrics = emb.embed(*data, folder / "out", folder / "scratch", encoder, step, 2, False)
     # VmHWM, the peak of this process's own memory: getrusage's ru_maxrss survives exec and so
     # starts at the parent's RSS (Linux keeps it in the signal struct).
     status = Path("/proc/self/status").read_text()
@@ -189,19 +203,20 @@ def rss_child(folder: Path) -> None:
     )
 
 
-def peak_rss(curated: Path, regions_table: Path, pairs: int, copies: int, work: Path) -> dict:
+def peak_rss(
+    params_file: Path, curated: Path, regions_table: Path, pairs: int, copies: int, work: Path
+) -> dict:
     folder = work / f"rss-{copies}x"
     shutil.rmtree(folder, ignore_errors=True)
     subset(curated, regions_table, folder, pairs, copies)
-    out = subprocess.run(
-        [sys.executable, __file__, "--rss-child", str(folder)], check=True, capture_output=True, text=True
-    ).stdout
+    child = [sys.executable, __file__, "--params", str(params_file), "--rss-child", str(folder)]
+    out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
     row = json.loads(out.strip().splitlines()[-1])
     print(json.dumps({"rss": f"{copies}x", **row}), flush=True)
     return row
 
 
-def ensure_regions(curated: Path, regions_table: Path, work: Path) -> Path:
+def ensure_regions(params: Params, curated: Path, regions_table: Path, work: Path) -> Path:
     if regions_table.is_file():
         return regions_table
     from pipeline.detect import Settings, detect
@@ -209,16 +224,19 @@ def ensure_regions(curated: Path, regions_table: Path, work: Path) -> Path:
 
     print(f"{regions_table} not found: detecting with the demo detector", file=sys.stderr)
     model = yolo.load("yolov8n.yaml", "demo/weights/yolo-demo-v8n.pt", 160, "cpu")
+    # The params' detect settings, as stages/detect.py builds them.
+    cfg = params.detect
+    classes = model.class_ids(cfg.classes)
+    step = config.settings(Settings, cfg, classes=tuple(classes) if classes is not None else None)
     shard = sorted((curated / "train").glob("*.tar"))[:1]
     out = work / "regions.parquet"
-    detect(
-        shard, out, work / "detect-scratch", model, Settings(max_regions=8, min_area_fraction=0.002), 2, False
-    )
+    detect(shard, out, work / "detect-scratch", model, step, 2, False)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="embed and detect settings")
     parser.add_argument("--curated", type=Path, default=Path("data/curated"))
     parser.add_argument("--regions", type=Path, default=Path("data/regions.parquet"))
     parser.add_argument("--pairs", type=int, default=400, help="pairs timed with the demo CLIP")
@@ -232,18 +250,20 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_child:
-        return rss_child(args.rss_child)
+        return rss_child(args.params, args.rss_child)
 
     work = Path(tempfile.mkdtemp(prefix="embed-bench-"))
     try:
-        regions_table = ensure_regions(args.curated, args.regions, work)
-        settings = emb.Settings(batch_size=args.batch_size)
+        params = load_params(args.params)
+        regions_table = ensure_regions(params, args.curated, args.regions, work)
+        step = config.settings(emb.Settings, params.embed)
+        step = replace(step, batch_size=args.batch_size)  # the knob this benchmark varies
         rows = []
         for name, spec, pairs in (("demo", DEMO, args.pairs), ("ViT-B-32", B32, args.pairs_b32)):
             data = subset(args.curated, regions_table, work / f"data-{name}", pairs)
-            rows.append(throughput(name, spec, data, settings, args.repeats, work / "stage"))
-        one = peak_rss(args.curated, regions_table, args.rss_pairs, 1, work)
-        four = peak_rss(args.curated, regions_table, args.rss_pairs, 4, work)
+            rows.append(throughput(name, spec, data, step, args.repeats, work / "stage"))
+        one = peak_rss(args.params, args.curated, regions_table, args.rss_pairs, 1, work)
+        four = peak_rss(args.params, args.curated, regions_table, args.rss_pairs, 4, work)
         summary = {
             "ratio_goal_0.85": {r["model"]: r["ratio"] for r in rows},
             "model_ratio": {r["model"]: r["model_ratio"] for r in rows},

@@ -11,7 +11,7 @@ detect regions):
    params' teacher settings for --epochs epochs; each epoch's time is taken from the end of the
    previous one, so it covers the training steps, the validation pass and the checkpoint. The
    first epoch reads the teacher shards from disk; later ones read them from memory when they
-   fit `pipeline.teach.MEMORY_CACHE_BYTES`.
+   fit `pipeline.teacher_pairs.MEMORY_CACHE_BYTES`.
 
 Prints the embed time, each epoch's time, training pairs/s, and
 ratio = median teacher epoch time ÷ embed stage time (the goal: ≤ 0.05, so that an ablation that
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline import teach
-from pipeline.config import load_params
-from pipeline.embed import embed, load_encoder
-from stages.embed import embed_settings
-from stages.train_teacher import configs
+from pipeline import embed, teach, teacher_pairs
+from pipeline.config import load_params, settings
+from pipeline.models.clip import load_encoder
+from pipeline.models.teacher import TeacherConfig
+from pipeline.train import Optimisation
 
 
 def main() -> None:
@@ -53,29 +53,33 @@ def main() -> None:
         raise SystemExit(f"no curated shards in {curated / 'train'} or no {regions}: run `dvc repro detect`")
     encoder = load_encoder(params.clip.model, params.clip.pretrained, params.embed.device, root)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
         start = time.perf_counter()
-        cache = embed(
+        cache = embed.embed(
             shards, curated / "train.parquet", regions, tmp / "embeddings", tmp / "embed-scratch",
-            encoder, embed_settings(params.embed), params.embed.workers, False,
+            encoder, settings(embed.Settings, params.embed), params.embed.workers, False,
         )  # fmt: skip
         embed_seconds = time.perf_counter() - start
         del encoder
 
         cfg = params.teacher
         teacher_shards = tuple(sorted((tmp / "embeddings" / "teacher").glob("*.tar")))
-        dim = int(next(teach.read_pairs(teacher_shards[0])).caption.shape[-1])
-        model_cfg, opt = configs(cfg, dim)
+        dim = int(next(teacher_pairs.read_pairs(teacher_shards[0])).caption.shape[-1])
+        # Built as stages/train_teacher.py builds them, then --epochs epochs.
+        inputs = "regions" if cfg.target == "regions" else "regions_and_caption"
+        model_cfg = settings(TeacherConfig, cfg, dim=dim, inputs=inputs)
+        step = settings(teach.Settings, cfg)
+        opt = settings(Optimisation, cfg, optimizer="adam", accumulate=1, amp="auto")
         opt = replace(opt, epochs=args.epochs)
-        data = teach.Data(teacher_shards, cfg.batch_size, cfg.val_fraction, cfg.seed)
+        prior = model_cfg.inputs == "regions"
+        data = teacher_pairs.Data(teacher_shards, cfg.batch_size, cfg.val_fraction, cfg.seed, prior=prior)
         marks = [time.perf_counter()]
         teach.train_teacher(
-            model_cfg, opt, data, cfg.temperature, cfg.learnable_temperature, tmp / "checkpoints",
-            torch.device("cpu"), on_epoch_end=lambda e, r: marks.append(time.perf_counter()),
-            progress=False,
+            model_cfg, step, opt, data, tmp / "checkpoints", torch.device("cpu"),
+            on_epoch_end=lambda e, r: marks.append(time.perf_counter()), progress=False,
         )  # fmt: skip
-        n_train = teach.count_training_pairs(data)
+        n_train = teacher_pairs.count_training_pairs(data)
 
     epochs = [b - a for a, b in zip(marks, marks[1:])]
     epoch = statistics.median(epochs)
