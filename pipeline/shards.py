@@ -3,7 +3,10 @@
 ShardWriter writes byte-for-byte deterministic shards (the bytes depend only on the samples, their
 order and max_count) and writes each one atomically: under a hidden temporary name, renamed to its
 final name only once complete, so a crash never leaves a shard that looks whole. read_shard
-streams a shard back one sample at a time.
+streams a shard back one sample at a time and refuses a shard that is not whole: Python's tarfile
+takes a tar cut at a member boundary (or inside a header) for a complete one, so the reader checks
+the end-of-archive blocks itself. `verify_shards` checks a folder of shards against the manifest
+that lists their samples, so that a short shard is named before any work is done.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from pipeline.errors import InputError
+
 # WebDataset's key is the member name up to the first dot of its base name, so a key has no dot;
 # no slash either (readers of flat shards take the base name). Extensions may have inner dots
 # ("seg.png"), as in WebDataset.
@@ -24,6 +29,14 @@ _KEY = re.compile(r"[A-Za-z0-9_-]+")
 _EXT = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 Field = bytes | str | dict | list
+
+# A tar ends with two 512-byte blocks of zeros (every writer adds them when it closes the file).
+END_OF_ARCHIVE = 1024
+
+
+class ShardError(InputError):
+    """A shard that cannot be read whole: unreadable, truncated, malformed or not the size its
+    manifest says. The message names the shard and what is wrong with it."""
 
 
 def encode_field(value: Field) -> bytes:
@@ -158,8 +171,11 @@ class ShardWriter:
 def read_shard(path: Path | str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) for each sample of a shard, in tar order, streaming: memory holds
     one sample. Keys follow WebDataset's rule (the member name up to the first dot of its base
-    name). Raises ValueError, naming the shard, for a shard that is not a readable tar, a member
-    without an extension, a key whose members are not contiguous, or a repeated member."""
+    name). Raises ShardError, naming the shard, for a shard that is not a readable tar, one cut
+    short (mid-member, or at a member boundary: no end-of-archive blocks), a member without an
+    extension, a key whose members are not contiguous, or a repeated member. The samples before
+    the fault have been yielded by then: a caller that must not act on a partial shard collects
+    the shard's results before committing them (as parts.map does)."""
     path = Path(path)
     seen: set[str] = set()
     key: str | None = None
@@ -172,21 +188,94 @@ def read_shard(path: Path | str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 slash = member.name.rfind("/")
                 dot = member.name.find(".", slash + 1)
                 if dot <= slash + 1 or dot == len(member.name) - 1:
-                    raise ValueError(f"{path}: member {member.name!r}: no key or no extension")
+                    raise ShardError(f"{path}: member {member.name!r}: no key or no extension")
                 name_key, ext = member.name[:dot], member.name[dot + 1 :]
                 if name_key != key:
                     if key is not None:
                         yield key, sample
                     if name_key in seen:
-                        raise ValueError(f"{path}: key {name_key!r}: its members are not contiguous")
+                        raise ShardError(f"{path}: key {name_key!r}: its members are not contiguous")
                     seen.add(name_key)
                     key, sample = name_key, {}
                 if ext in sample:
-                    raise ValueError(f"{path}: key {key!r}: member .{ext} appears twice")
+                    raise ShardError(f"{path}: key {key!r}: member .{ext} appears twice")
                 data = tar.extractfile(member)
                 assert data is not None  # a regular file member always has one
                 sample[ext] = data.read()
-    except tarfile.TarError as err:
-        raise ValueError(f"{path}: not a readable tar file: {err}") from None
+            end = tar.offset
+    except (tarfile.TarError, EOFError) as err:
+        if key is None:
+            raise ShardError(f"{path}: not a readable tar file: {err}") from None
+        raise ShardError(
+            f"{path}: truncated in sample {key!r} ({len(seen) - 1} whole sample(s) before it): {err}"
+        ) from None
+    if not ends_whole(path, end):
+        after = f" after sample {key!r}" if key is not None else ""
+        raise ShardError(
+            f"{path}: truncated{after} (no end-of-archive blocks): a copy or download that stopped "
+            f"part way, or a writer that was killed; {len(seen)} whole sample(s) before the cut"
+        )
     if key is not None:
         yield key, sample
+
+
+def ends_whole(path: Path, offset: int) -> bool:
+    """Whether the tar file ends, at `offset` (where its last member's data ends), with the
+    end-of-archive blocks."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        tail = f.read(END_OF_ARCHIVE)
+    return len(tail) == END_OF_ARCHIVE and not any(tail)
+
+
+def count_samples(path: Path | str) -> int:
+    """The number of samples (distinct keys) in a shard, from its member headers alone; a shard
+    that is not whole is a ShardError as in read_shard."""
+    path = Path(path)
+    keys: set[str] = set()
+    try:
+        with tarfile.open(path, mode="r:") as tar:  # seekable: member data is skipped, not read
+            for member in tar:
+                if member.isfile():
+                    keys.add(member.name[: member.name.find(".", member.name.rfind("/") + 1)])
+            end = tar.offset
+    except tarfile.TarError as err:
+        raise ShardError(f"{path}: truncated or not a readable tar file: {err}") from None
+    if not ends_whole(path, end):
+        raise ShardError(
+            f"{path}: truncated (no end-of-archive blocks, or a member cut short) after {len(keys)} sample(s)"
+        )
+    return len(keys)
+
+
+def verify_shards(folder: Path | str, manifest: Path | str) -> list[Path]:
+    """The shards of `folder` (its *.tar, in name order), checked against `manifest` (a Parquet
+    table with a `shard` column: one row per sample, the shard's path ending in its file name):
+    every shard the manifest names exists, none it does not name, each holds exactly the samples
+    it lists and ends whole. A ShardError names the first shard that does not."""
+    import pyarrow.parquet as pq
+
+    folder, manifest = Path(folder), Path(manifest)
+    try:
+        listed = pq.read_table(manifest, columns=["shard"]).column("shard").to_pylist()
+    except (OSError, KeyError, ValueError) as err:
+        raise ShardError(f"{manifest}: cannot read its shard column: {err}") from None
+    expected: dict[str, int] = {}
+    for name in listed:
+        base = str(name).rsplit("/", 1)[-1]
+        expected[base] = expected.get(base, 0) + 1
+    shards = sorted(folder.glob("*.tar"))
+    present = {s.name for s in shards}
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise ShardError(
+            f"{folder}: shard {missing[0]} is missing ({manifest} lists {expected[missing[0]]} samples in it)"
+        )
+    extra = sorted(present - set(expected))
+    if extra:
+        raise ShardError(f"{folder / extra[0]}: not in {manifest} (a shard of another run?)")
+    for shard in shards:
+        n = count_samples(shard)
+        if n != expected[shard.name]:
+            raise ShardError(f"{shard}: holds {n} sample(s), {manifest} lists {expected[shard.name]}")
+    return shards

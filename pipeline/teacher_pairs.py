@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import InputError
 from pipeline.models.teacher import PairBatch, pad
 from pipeline.shards import read_shard
 
@@ -71,7 +72,7 @@ def read_pairs(shard: Path) -> Iterator[Pair]:
     for key, sample in read_shard(shard):
         missing = [f"{f}.npy" for f in FIELDS if f"{f}.npy" not in sample] + ["json"] * ("json" not in sample)
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{shard}: sample {key}: missing {', '.join(missing)} (an older embed cache: run embed again)"
             )
         yield Pair(key, _image_id(shard, key, sample), *(_array(sample[f"{f}.npy"]) for f in FIELDS))
@@ -81,7 +82,7 @@ def _image_id(shard: Path, key: str, sample: dict[str, bytes]) -> str:
     """The image a teacher sample belongs to, from its json member."""
     image_id = json.loads(sample["json"]).get("image") if "json" in sample else None
     if not isinstance(image_id, str):
-        raise ValueError(f"{shard}: sample {key}: json has no image key")
+        raise InputError(f"{shard}: sample {key}: json has no image key")
     return image_id
 
 

@@ -10,6 +10,7 @@ from pipeline.config import load_params, settings
 from pipeline.detect import Settings, detect
 from pipeline.errors import ParamsError
 from pipeline.models import detector as yolo
+from pipeline.shards import verify_shards
 from stages.outputs import require, write_json
 
 METRICS = Path("metrics/detect.json")
@@ -19,10 +20,10 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
     params = load_params(params_file)
     root = params_file.parent
     cfg = params.detect
-    train = root / params.curate.out / "train"
+    train, manifest = root / params.curate.out / "train", root / params.curate.out / "train.parquet"
     checkpoint = root / params.detector.checkpoint
-    require(params_file, [(train, "curate"), (checkpoint, "weights")])
-    shards = sorted(train.glob("*.tar"))
+    require(params_file, [(train, "curate"), (manifest, "curate"), (checkpoint, "weights")])
+    shards = verify_shards(train, manifest)  # a short or cut shard is named before any work
     model = yolo.load(params.detector.model, str(checkpoint), cfg.imgsz, cfg.device)
     try:
         classes = model.class_ids(cfg.classes)

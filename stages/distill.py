@@ -9,9 +9,10 @@ from pathlib import Path
 
 from pipeline import distill
 from pipeline.config import load_params, settings
-from pipeline.errors import MissingOutput, ParamsError
+from pipeline.errors import ParamsError
 from pipeline.models.clip import create, save_checkpoint
 from pipeline.runtime import pick_device
+from pipeline.shards import verify_shards
 from pipeline.train import Optimisation
 from stages.outputs import log_live, prune_runs, require, write_json
 
@@ -23,7 +24,7 @@ def run(params_file: Path, progress: bool = True) -> dict:
     params = load_params(params_file, only=("clip", "curate", "embed", "teacher", "distill"))
     root = params_file.parent
     cfg = params.distill
-    shards = sorted((root / params.curate.out / "train").glob("*.tar"))
+    train, manifest = root / params.curate.out / "train", root / params.curate.out / "train.parquet"
     embeddings, targets_file = root / params.embed.out, root / params.teacher.targets
     weights_path = root / params.clip.checkpoint
     require(
@@ -32,10 +33,11 @@ def run(params_file: Path, progress: bool = True) -> dict:
             (embeddings / "captions.parquet", "embed"),
             (targets_file, "train_teacher"),
             (weights_path, "weights"),
+            (train, "curate"),
+            (manifest, "curate"),
         ],
     )
-    if not shards:
-        raise MissingOutput(f"{params_file}: curate.out: no training shards; run the curate stage first")
+    shards = verify_shards(train, manifest)  # a short or cut shard is named before any work
     try:
         device = pick_device(cfg.device)
     except ValueError as err:

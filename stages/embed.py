@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline.config import load_params, settings
 from pipeline.embed import Settings, embed
 from pipeline.models.clip import load_encoder
+from pipeline.shards import verify_shards
 from stages.outputs import require, write_json
 
 METRICS = Path("metrics/embed.json")
@@ -28,7 +29,7 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
     step = settings(Settings, cfg)
     start = time.perf_counter()
     metrics = embed(
-        sorted(train.glob("*.tar")),
+        verify_shards(train, manifest),  # a short or cut shard is named before any work
         manifest,
         regions,
         root / cfg.out,

@@ -14,12 +14,13 @@ import torch
 
 from pipeline import teach, teacher_pairs, teacher_validation
 from pipeline.config import load_params, settings
-from pipeline.errors import MissingOutput, ParamsError
+from pipeline.errors import InputError, ParamsError
 from pipeline.files import atomic_file
 from pipeline.models.teacher import TeacherConfig
 from pipeline.runtime import pick_device
+from pipeline.shards import verify_shards
 from pipeline.train import Optimisation
-from stages.outputs import log_live, prune_runs, write_json
+from stages.outputs import log_live, prune_runs, require, write_json
 
 METRICS = Path("metrics/teacher.json")
 LIVE_DIR = Path("metrics/teacher")
@@ -29,16 +30,13 @@ def run(params_file: Path, progress: bool = True) -> dict:
     params = load_params(params_file, only=("teacher", "embed"))
     root = params_file.parent
     cfg = params.teacher
-    folder = root / params.embed.out / "teacher"
-    shards = tuple(sorted(folder.glob("*.tar")))
+    folder, captions = root / params.embed.out / "teacher", root / params.embed.out / "captions.parquet"
+    require(params_file, [(folder, "embed"), (captions, "embed")])
+    # Every teacher shard against embed's table of its pairs: a short or cut shard is named here.
+    shards = tuple(verify_shards(folder, captions))
     if not shards:
-        raise MissingOutput(
-            f"{params_file}: embed.out: no teacher shards in {folder}; run the embed stage first"
-        )
-    try:
-        dim = int(next(teacher_pairs.read_pairs(shards[0])).caption.shape[-1])
-    except ValueError as err:
-        raise ParamsError(f"{params_file}: embed.out: {err}") from None
+        raise InputError(f"{captions}: no pair was embedded (every one refused: see its rejects.parquet)")
+    dim = int(next(teacher_pairs.read_pairs(shards[0])).caption.shape[-1])
     if dim % cfg.heads:
         raise ParamsError(
             f"{params_file}: teacher.heads: {cfg.heads} does not divide the embedding width {dim}"

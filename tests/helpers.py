@@ -142,3 +142,17 @@ def optimisation(**given):
         "seed": 0,
     }
     return Optimisation(**{**plain, **given})
+
+
+def sample_starts(shard: Path) -> list[int]:
+    """Byte offset of each sample's first member header in a tar shard: where to cut one short."""
+    import tarfile
+
+    starts, last = [], None
+    with tarfile.open(shard) as tar:
+        for m in tar.getmembers():
+            key = m.name.split(".", 1)[0]
+            if key != last:
+                starts.append(m.offset)
+                last = key
+    return starts

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -19,10 +20,11 @@ from PIL import Image
 import pipeline.detect as det
 from pipeline.config import ParamsError, parse_params
 from pipeline.detect import REGIONS_SCHEMA, Settings
+from pipeline.errors import InputError
 from pipeline.models import detector as yolo
 from pipeline.shards import ShardWriter
 
-from .helpers import REPO
+from .helpers import REPO, sample_starts
 
 WEIGHTS = REPO / "demo" / "weights" / "yolo-demo-v8n.pt"
 IMGSZ = 160  # the demo detector's training size
@@ -364,6 +366,8 @@ def stage_repo(tmp_path: Path, demo_images, **detect) -> Path:
     raw["clip"]["pretrained"] = str(REPO / raw["clip"]["pretrained"])
     raw["curate"]["out"] = "curated"
     write_shard(tmp_path / "curated" / "train", [(k, {"jpg": b}) for k, b in demo_images[:4]])
+    rows = [{"key": k, "shard": "train/00000.tar"} for k, _ in demo_images[:4]]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "curated" / "train.parquet")  # curate's manifest
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     return tmp_path / "params.yaml"
 
@@ -394,3 +398,31 @@ def test_stage_refuses_unknown_classes_and_missing_shards(demo_images, tmp_path)
         result.output.startswith("error: ")
         and "curated/train does not exist; run the curate stage first" in result.output
     )
+
+
+@pytest.mark.parametrize("cut", ["boundary", "mid-member"])
+def test_a_shard_cut_short_is_one_error_line_not_fewer_rows(demo_images, tmp_path, cut):
+    # Before: a cut at a member boundary gave exit 0 and fewer rows; a cut mid-member a traceback.
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    params = stage_repo(tmp_path, demo_images)
+    shard = tmp_path / "curated" / "train" / "00000.tar"
+    starts = sample_starts(shard)
+    end = starts[3] if cut == "boundary" else starts[3] + 700
+    shard.write_bytes(shard.read_bytes()[:end])
+    result = CliRunner().invoke(app, ["detect", "--params", str(params)])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: {shard}: truncated")
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "data" / "regions.parquet").exists()
+
+
+def test_a_whole_shard_short_of_its_manifest_is_named(demo_images, tmp_path):
+    from stages import detect as stage
+
+    params = stage_repo(tmp_path, demo_images)
+    write_shard(tmp_path / "curated" / "train", [(k, {"jpg": b}) for k, b in demo_images[:3]])
+    with pytest.raises(InputError, match=r"00000.tar: holds 3 sample\(s\), .*train.parquet lists 4$"):
+        stage.run(params, progress=False)

@@ -8,10 +8,13 @@ import io
 import os
 import tarfile
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline.shards import ShardWriter, encode_field, read_shard
+from pipeline.errors import InputError
+from pipeline.shards import ShardError, ShardWriter, count_samples, encode_field, read_shard, verify_shards
 
 
 def samples(n: int) -> list[tuple[str, dict]]:
@@ -225,3 +228,82 @@ def test_read_shard_refuses_a_file_that_is_not_a_tar(tmp_path):
     (tmp_path / "s.tar").write_bytes(b"\x01" * 1000)
     with pytest.raises(ValueError, match=r"s.tar: not a readable tar file"):
         list(read_shard(tmp_path / "s.tar"))
+
+
+# --- shards cut short and shards that disagree with their manifest ---------------------------------
+
+
+def five_samples(folder) -> tuple:
+    """A shard of five samples and the byte offset where each sample's first header starts."""
+    with ShardWriter(folder, max_count=10) as w:
+        for i in range(5):
+            w.write(f"k{i}", {"jpg": bytes([i]) * 700, "txt": f"caption {i}"})
+    path = folder / "00000.tar"
+    with tarfile.open(path) as tar:
+        starts = [m.offset for m in tar.getmembers() if m.name.endswith(".jpg")]
+    return path, starts
+
+
+def test_a_shard_cut_at_a_member_boundary_is_refused_not_read_as_shorter(tmp_path):
+    # Python's tarfile alone reads such a shard as a whole one of three samples.
+    path, starts = five_samples(tmp_path)
+    path.write_bytes(path.read_bytes()[: starts[3]])
+    with tarfile.open(path, mode="r|") as tar:
+        assert len([m for m in tar]) == 6  # what a reader without the end check would accept
+    seen = []
+    with pytest.raises(ShardError) as err:
+        for key, _ in read_shard(path):
+            seen.append(key)
+    assert str(err.value) == (
+        f"{path}: truncated after sample 'k2' (no end-of-archive blocks): a copy or download that "
+        "stopped part way, or a writer that was killed; 3 whole sample(s) before the cut"
+    )
+    assert seen == ["k0", "k1"]  # the last sample before a cut is never handed out
+    assert isinstance(err.value, InputError)  # the command line prints it as one `error:` line
+    with pytest.raises(ShardError, match="truncated"):
+        count_samples(path)
+
+
+def test_a_shard_cut_mid_member_is_a_shard_error_naming_the_sample(tmp_path):
+    path, starts = five_samples(tmp_path)
+    path.write_bytes(path.read_bytes()[: starts[2] + 512 + 300])  # inside k2's jpg
+    with pytest.raises(ShardError) as err:
+        list(read_shard(path))
+    assert str(err.value).startswith(f"{path}: truncated in sample 'k2' (2 whole sample(s) before it): ")
+    with pytest.raises(ShardError, match="truncated"):
+        count_samples(path)
+
+
+def test_a_shard_cut_inside_a_header_or_its_end_blocks_is_refused(tmp_path):
+    path, starts = five_samples(tmp_path)
+    whole = path.read_bytes()
+    for cut in (starts[4] + 100, len(whole) - 10240 + 1536 + 200):  # mid-header; mid end blocks
+        path.write_bytes(whole[:cut])
+        with pytest.raises(ShardError, match="truncated"):
+            list(read_shard(path))
+
+
+def manifest_for(path, shards: dict[str, int]) -> None:
+    rows = [{"key": f"{s}-{i}", "shard": f"train/{s}"} for s, n in shards.items() for i in range(n)]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_verify_shards_checks_every_shard_against_its_manifest(tmp_path):
+    folder = tmp_path / "train"
+    path, _ = five_samples(folder)
+    manifest = tmp_path / "train.parquet"
+    manifest_for(manifest, {"00000.tar": 5})
+    assert count_samples(path) == 5
+    assert verify_shards(folder, manifest) == [path]
+    manifest_for(manifest, {"00000.tar": 6})  # a whole tar, one sample short of the manifest
+    with pytest.raises(ShardError, match=rf"^{path}: holds 5 sample\(s\), {manifest} lists 6$"):
+        verify_shards(folder, manifest)
+    manifest_for(manifest, {"00000.tar": 5, "00001.tar": 2})
+    with pytest.raises(
+        ShardError, match=rf"^{folder}: shard 00001.tar is missing \({manifest} lists 2 samples"
+    ):
+        verify_shards(folder, manifest)
+    manifest_for(manifest, {"00000.tar": 5})
+    (folder / "00001.tar").write_bytes(path.read_bytes())  # a stray shard of another run
+    with pytest.raises(ShardError, match=rf"^{folder / '00001.tar'}: not in {manifest}"):
+        verify_shards(folder, manifest)
