@@ -688,3 +688,83 @@ def test_a_missing_probe_image_drops_its_items_and_is_recorded(tiny_world, tmp_p
     assert {(r["source"], r["id"], r["reason"]) for r in rejects(out)} >= {
         ("sugarcrepe", gone, "missing_file")
     }
+
+
+# --- partial and failed downloads of Conceptual Captions ------------------------------------------
+
+
+def cc_world(tiny_world: Path, tmp_path: Path) -> Path:
+    world = tmp_path / "raw"
+    shutil.copytree(tiny_world, world)
+    return world
+
+
+def test_a_partly_downloaded_cc_shard_is_read_as_far_as_it_goes(tiny_world, tmp_path, tokens):
+    # Before: the first unreadable byte of one shard stopped the whole curate run.
+    import tarfile
+
+    world = cc_world(tiny_world, tmp_path)
+    shard = world / "cc" / "00001.tar"
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    # A download killed 100 bytes into the image of the shard's middle sample.
+    jpgs = [m for m in members if m.name.endswith(".jpg")]
+    at = jpgs[len(jpgs) // 2]
+    shard.write_bytes(shard.read_bytes()[: at.offset_data + 100])
+    order = list(dict.fromkeys(m.name.split(".", 1)[0] for m in members))
+    read_whole = set(order[: order.index(at.name.split(".", 1)[0])])
+    listed = {
+        r["key"]
+        for r in pq.read_table(world / "cc" / "00001.parquet").to_pylist()
+        if r["status"] == "success"
+    }
+    metrics = run(world, tmp_path / "out", settings(0, 0, 40), tokens)
+    refused = [r for r in rejects(tmp_path / "out") if r["reason"] == "shard_truncated"]
+    assert sorted(r["id"] for r in refused) == sorted(listed - read_whole)
+    assert all(
+        r["source"] == "cc" and r["detail"].startswith("00001.tar: the shard is cut short") for r in refused
+    )
+    assert metrics["train"]["cc"]["rejected"]["shard_truncated"] == len(refused) > 0
+    kept = {r["id"] for r in manifest(tmp_path / "out")}
+    assert kept and not kept & {r["id"] for r in refused}
+
+
+def test_a_cc_source_the_mix_asks_for_that_gives_nothing_is_an_error(tiny_world, tmp_path, tokens, capsys):
+    # Before: exit 0 with zero CC pairs, the shortfall only inside the metrics.
+    world = cc_world(tiny_world, tmp_path)
+    for f in (world / "cc").iterdir():
+        f.unlink()
+    with pytest.raises(SourceError, match=r"cc: curate.mix.cc asks for 4 pairs but the source gave none"):
+        run(world, tmp_path / "out", settings(2, 0, 4), tokens)
+    assert not (tmp_path / "out").exists()
+    metrics = run(world, tmp_path / "out", settings(2, 0, 4, allow_empty_source=True), tokens)
+    assert metrics["train"]["cc"]["kept_pairs"] == 0 and metrics["train"]["coco"]["kept_pairs"] == 2
+    assert "warning: " in capsys.readouterr().err
+
+
+def test_a_failed_download_is_one_reject_and_one_candidate(tiny_world, tmp_path, tokens):
+    # img2dataset keeps a failed key's .json in the tar as well as its parquet row. Before: two
+    # reject rows (failed_to_download and no_image) and the key counted twice among candidates.
+    import io
+    import tarfile
+
+    world = cc_world(tiny_world, tmp_path)
+    failed = [
+        r
+        for r in pq.read_table(world / "cc" / "00000.parquet").to_pylist()
+        if r["status"] == "failed_to_download"
+    ]
+    assert failed
+    with tarfile.open(world / "cc" / "00000.tar", "a") as tar:
+        for r in failed:
+            data = json.dumps({"key": r["key"], "status": r["status"], "url": r["url"]}).encode()
+            info = tarfile.TarInfo(f"{r['key']}.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples_in_world = json.loads((world / "world.json").read_text())["cc"]["samples"]
+    metrics = run(world, tmp_path / "out", settings(0, 0, 40), tokens)
+    for r in failed:
+        rows = [x for x in rejects(tmp_path / "out") if x["id"] == r["key"]]
+        assert [x["reason"] for x in rows] == ["failed_to_download"]
+    assert metrics["train"]["cc"]["candidates"] == samples_in_world
+    assert "no_image" not in metrics["train"]["cc"]["rejected"]

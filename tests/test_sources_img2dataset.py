@@ -106,11 +106,55 @@ def test_malformed_shard_names_shard_and_key(tmp_path, members, message):
     assert str(err.value).startswith(f"{path}: {message}")
 
 
-def test_truncated_shard_is_a_source_error(tmp_path):
-    path = write_tar(tmp_path / "00000.tar", [("000000000.jpg", bytes(5000)), ("000000000.txt", b"x")])
-    path.write_bytes(path.read_bytes()[:3000])  # a copy cut short
+def test_a_file_that_is_not_a_tar_is_a_source_error(tmp_path):
+    path = tmp_path / "00000.tar"
+    path.write_bytes(b"\x01" * 3000)
     with pytest.raises(SourceError, match="^" + re.escape(f"{path}: not a readable tar file: ")):
         list(iter_shards(tmp_path))
+
+
+def partial_download(folder: Path) -> tuple[Path, list[int]]:
+    """An img2dataset shard of samples 0-4 (4 listed as downloaded in the parquet but never
+    written to the tar, as when img2dataset dies), key 5 failed; and where each sample starts."""
+    members = []
+    for i in range(4):
+        key = f"{i:09d}"
+        members += [(f"{key}.jpg", image_bytes("JPEG", (i, 0, 0))), (f"{key}.txt", f"c{i}".encode())]
+        members.append((f"{key}.json", json.dumps(meta(key, f"c{i}")).encode()))
+    path = write_tar(folder / "00000.tar", members)
+    write_rows(
+        folder / "00000.parquet",
+        [row(f"{i:09d}", "success") for i in range(5)] + [row("000000005", "failed_to_download", "404")],
+    )
+    with tarfile.open(path) as tar:
+        starts = [m.offset for m in tar.getmembers() if m.name.endswith(".jpg")]
+    return path, starts
+
+
+def test_a_partial_shard_gives_its_whole_samples_and_marks_the_rest_truncated(tmp_path):
+    # Before: the first unreadable byte stopped the whole run with a SourceError.
+    path, starts = partial_download(tmp_path)
+    path.write_bytes(path.read_bytes()[: starts[2] + 700])  # a download killed inside sample 2
+    out = list(iter_shards(tmp_path))
+    assert [(s.key, s.truncated is None, s.image is not None) for s in out] == [
+        ("000000000", True, True),
+        ("000000001", True, True),
+        ("000000002", False, False),  # the sample the cut went through
+        ("000000003", False, False),  # listed as downloaded, not in the tar any more
+        ("000000004", False, False),
+    ]
+    assert out[2].truncated.startswith("00000.tar: the shard is cut short (")
+
+
+def test_a_shard_cut_at_a_member_boundary_is_partial_too(tmp_path):
+    # tarfile alone reads such a shard as whole: the end-of-archive blocks tell it apart.
+    path, starts = partial_download(tmp_path)
+    path.write_bytes(path.read_bytes()[: starts[3]])
+    out = list(iter_shards(tmp_path))
+    assert [s.key for s in out if s.truncated is None] == ["000000000", "000000001"]
+    # Sample 2 may have lost a member at the cut (nothing says it was whole): refused with 3 and 4.
+    assert [s.key for s in out if s.truncated] == ["000000002", "000000003", "000000004"]
+    assert out[-1].truncated == "00000.tar: the shard is cut short (no end-of-archive blocks)"
 
 
 FAILURE_SCHEMA = pa.schema(

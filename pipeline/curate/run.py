@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from pipeline.curate.tables import REJECTS_SCHEMA, TRAIN_SCHEMA, TRAIN_SOURCES, 
 from pipeline.files import atomic_dir
 from pipeline.shards import ShardWriter
 from pipeline.sources import (
+    SourceError,
     index_images,
     read_captions,
     read_sugarcrepe,
@@ -169,12 +171,32 @@ def _curate(
         select_listed(sel, decoder, prep, [(c, p) for _, c, p in ranked], progress)
         # Conceptual Captions: streamed.
         select_cc(sel, decoder, prep, paths.cc_shards, progress)
+        _check_empty_sources(sel, paths, cfg.allow_empty_source)
         train_shards = _write_train(sel, tmp, cfg.shard_size, progress)
         zeroshot = {"imagenet": write_imagenet(paths, decoder, cfg, tmp, ledger, progress)}
     zeroshot["cifar10"] = write_cifar("cifar10", paths.cifar10, cfg, tmp, ledger, progress)
     zeroshot["cifar100"] = write_cifar("cifar100", paths.cifar100, cfg, tmp, ledger, progress)
     write_table(tmp / "rejects.parquet", ledger.table(), REJECTS_SCHEMA)
     return {**_metrics(sel, ledger, val, test, zeroshot, train_shards), "probe": {"sugarcrepe": probe}}
+
+
+def _check_empty_sources(sel: Selection, paths: SourcePaths, allow: bool) -> None:
+    """A source the mix asks for that gave no pair at all is an error (or, allowed, a warning):
+    an empty or unreadable download must not pass as a smaller mix."""
+    folders = {"coco": paths.coco_images, "flickr30k": paths.flickr30k_images, "cc": paths.cc_shards}
+    for source in TRAIN_SOURCES:
+        st = sel.stats[source]
+        if st.asked == 0 or st.pairs > 0:
+            continue
+        message = (
+            f"{folders[source]}: curate.mix.{source} asks for {st.asked} pairs but the source gave none "
+            f"({st.candidates} candidate(s), all refused or absent: see rejects.parquet)"
+        )
+        if not allow:
+            raise SourceError(
+                message + "; set curate.mix." + source + ": 0, or curate.allow_empty_source: true"
+            )
+        print(f"warning: {message}; going on without it (curate.allow_empty_source)", file=sys.stderr)
 
 
 def _metrics(

@@ -157,9 +157,11 @@ def select_cc(sel: Selection, decoder: Decoder, fn: Callable, folder: Path, prog
     into the spill file, then they are decided in rank order. One round suffices unless more than
     the margin is refused."""
     source, ledger, st = "cc", sel.ledger, sel.stats["cc"]
+    failed: set[str] = set()
     for row in read_failures(folder):
         ledger.refuse(source, row["key"], row["status"], f"{row['shard']}.parquet: {row['error_message']}")
         st.candidates += 1
+        failed.add(row["key"])
     if st.asked == 0:
         return
     cutoff: str | None = None
@@ -170,8 +172,14 @@ def select_cc(sel: Selection, decoder: Decoder, fn: Callable, folder: Path, prog
 
         def ranked(first: bool = first, cutoff: str | None = cutoff) -> Iterator[tuple[str, str]]:
             for sample in iter_shards(folder):
+                if sample.key in failed:  # img2dataset keeps a failed key's json: refused above
+                    continue
                 if first:
                     st.candidates += 1
+                if sample.truncated is not None:
+                    if first:
+                        ledger.refuse(source, sample.key, "shard_truncated", sample.truncated)
+                    continue
                 if sample.image is None:
                     if first:
                         ledger.refuse(source, sample.key, "no_image", f"{sample.shard}.tar: no image member")

@@ -1,7 +1,11 @@
 """img2dataset's WebDataset output: <shard>.tar (key.jpg, key.txt, key.json per sample), with a
 <shard>.parquet of every row it tried, failures included, and a <shard>_stats.json.
 
-Shards are streamed member by member: memory holds one sample, never a shard.
+Shards are streamed member by member: memory holds one sample, never a shard. A shard cut short
+(img2dataset killed mid-download, a copy that stopped) is read as far as it goes: its whole
+samples come out as usual, then one `truncated` sample for the sample the cut went through and for
+each key the shard's parquet lists as downloaded but the tar no longer holds, so the caller
+records each as a reject instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.shards import ends_whole
 from pipeline.sources._json import type_name
 from pipeline.sources.errors import SourceError
 
@@ -28,6 +33,7 @@ class WebSample:
     image: bytes | None  # None when the sample has no image member: the caller records a reject
     caption: str | None
     meta: dict = field(default_factory=dict)  # the .json member: img2dataset's row for this key
+    truncated: str | None = None  # the shard was cut short here: why (no image or caption then)
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -76,6 +82,7 @@ class _Sample:
 def _iter_shard(path: Path) -> Iterator[WebSample]:
     seen: set[str] = set()
     current: _Sample | None = None
+    cut: str | None = None
     try:
         # "r|*": a forward-only stream (compressed or not), so a shard is never held whole.
         with tarfile.open(path, mode="r|*") as tar:
@@ -93,10 +100,45 @@ def _iter_shard(path: Path) -> Iterator[WebSample]:
                 data = tar.extractfile(member)
                 assert data is not None  # a regular file always has its data
                 current.add(ext, data.read())
-    except tarfile.TarError as err:
-        raise SourceError(f"{path}: not a readable tar file: {err}") from None
-    if current is not None:
-        yield current.done()
+            end = tar.offset
+        # tarfile takes a tar cut at a member boundary for a whole one; only a plain tar can be
+        # checked for its end-of-archive blocks (a compressed one fails above when cut).
+        if not _compressed(path) and not ends_whole(path, end):
+            cut = "no end-of-archive blocks"
+    except (tarfile.TarError, EOFError) as err:
+        if not seen:
+            raise SourceError(f"{path}: not a readable tar file: {err}") from None
+        cut = str(err)
+    if cut is None:
+        if current is not None:
+            yield current.done()
+        return
+    # The sample the cut went through may miss a member; every key the parquet says was
+    # downloaded and the tar no longer holds is lost with it.
+    lost = [current.key] if current is not None else []
+    lost += sorted(_downloaded(path) - seen)
+    why = f"{path.name}: the shard is cut short ({cut})"
+    for key in lost:
+        yield WebSample(path.stem, key, None, None, truncated=why)
+
+
+def _compressed(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
+
+
+def _downloaded(shard: Path) -> set[str]:
+    """Keys the shard's parquet lists with status success; none when it has no parquet (img2dataset
+    writes it when a shard is finished, so a shard cut by a killed download often has none)."""
+    path = shard.with_suffix(".parquet")
+    if not path.is_file():
+        return set()
+    try:
+        table = pq.read_table(path, columns=["key", "status"])
+    except (pa.ArrowException, OSError, KeyError) as err:
+        raise SourceError(f"{path}: not a readable parquet file with key and status: {err}") from None
+    return {str(r["key"]) for r in table.to_pylist() if r["status"] == "success"}
 
 
 def iter_shards(folder: Path | str) -> Iterator[WebSample]:
