@@ -37,7 +37,8 @@ PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 
 class Section(BaseModel):
     # Unknown keys are errors, and "3" is not silently taken for 3.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # No inf or nan anywhere: a loss weight of .inf passes ge=0 and wrecks training hours later.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 # --- world: the demo world generator ---------------------------------------------------------
@@ -73,7 +74,7 @@ class FlickrWorld(Section):
 
 class ConceptualCaptionsWorld(Section):
     samples: Count = 2000  # rows img2dataset tried, failures included
-    shard_size: PositiveInt = 500
+    shard_size: Annotated[int, Field(gt=0, le=100_000, strict=True)] = 500
     failed: Count = 20  # rows with status failed_to_download: in the parquet, not in the tar
     corrupt: Count = 2  # successes whose JPEG bytes are truncated, as happens on the web
 
@@ -208,14 +209,18 @@ def looks_like_path(value: str) -> bool:
 
 @functools.cache
 def _ultralytics_model_yamls() -> frozenset[str]:
-    import ultralytics
+    from pipeline.runtime import import_ultralytics
 
-    root = Path(ultralytics.__file__).parent / "cfg" / "models"
+    ultralytics = import_ultralytics()
+    root = Path(str(ultralytics.__file__)).parent / "cfg" / "models"
     return frozenset(p.name for p in root.rglob("*.yaml"))
 
 
 @functools.cache
 def _ultralytics_assets() -> frozenset[str]:
+    from pipeline.runtime import import_ultralytics
+
+    import_ultralytics()
     from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
 
     return frozenset(GITHUB_ASSETS_NAMES)
@@ -274,13 +279,18 @@ class CaptionRules(Section):
 class Curate(Section):
     seed: Count = 0
     mix: Mix = Mix()
+    # A source the mix asks pairs of that yields none (an empty or unreadable download folder) is an
+    # error; true: a printed warning, and the run goes on without that source.
+    allow_empty_source: bool = False
     # 1: one caption per image, drawn from seed and id (the paper); "all": every usable caption
     # is a pair (mix counts pairs; the last image may give fewer than all).
     captions_per_image: Literal[1, "all"] = "all"
     caption: CaptionRules = CaptionRules()
-    image_size: PositiveInt = 160  # short side of stored images; at least the model's input size
+    image_size: Annotated[int, Field(gt=0, le=4096, strict=True)] = (
+        160  # short side of stored images; at least the model's input size
+    )
     jpeg_quality: JpegQuality = 90
-    shard_size: PositiveInt = 2000  # samples per WebDataset shard
+    shard_size: Annotated[int, Field(gt=0, le=100_000, strict=True)] = 2000  # samples per shard
     workers: PositiveInt = 2  # decoding processes; the output does not depend on it
     out: PathStr = "data/curated"
 
@@ -575,6 +585,11 @@ class Params(Section):
                 "teacher.target other_captions needs every caption of an image: set "
                 "curate.captions_per_image: all"
             )
+        from pipeline.config_rules import problems
+
+        found = problems(self)
+        if found:
+            raise ValueError("\n  ".join(found))
         return self
 
 
@@ -582,14 +597,17 @@ class Params(Section):
 
 
 def _format_errors(source: str, err: ValidationError, raw: Any) -> str:
-    lines = [f"{source}: {err.error_count()} invalid value(s)"]
+    lines = [source]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        key = ".".join(str(p) for p in e["loc"])
+        if not key:  # rules across sections: one line each, every message names its keys
+            lines += ["  " + line for line in e["msg"].removeprefix("Value error, ").split("\n  ")]
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (value {e['input']!r})")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"  {key}: {msg} (value {_lookup(raw, e['loc'])!r})")
+    lines[0] = f"{source}: {len(lines) - 1} invalid value(s) or combination(s)"
     return "\n".join(lines)
 
 

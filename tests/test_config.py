@@ -120,6 +120,7 @@ def test_known_tags_and_existing_files_are_accepted(tmp_path):
     (tmp_path / "w" / "yolo.pt").write_bytes(b"x")
     raw["clip"] = {"model": "ViT-B-32", "pretrained": "w/clip.pt"}
     raw["detector"] = {"model": "yolov8n.yaml", "weights": "w/yolo.pt"}
+    raw["curate"]["image_size"] = 224  # ViT-B-32's input
     params = parse_params(raw, base_dir=tmp_path)
     assert params.clip.pretrained == "w/clip.pt"
     raw["clip"]["pretrained"] = "laion2b_s34b_b79k"
@@ -277,3 +278,70 @@ def test_the_teacher_architecture_s_defaults_are_the_params_defaults():
     for f in dataclasses.fields(TeacherConfig):
         if f.default is not dataclasses.MISSING and f.name in type(section).model_fields:
             assert f.default == getattr(section, f.name), f.name
+
+
+# --- rules across sections: a combination that cannot work fails when the file is read -------------
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (
+            {"curate.image_size": 8},
+            "curate.image_size: 8 is smaller than the input of clip.model DCLIP-Demo-RN64 (64 px)",
+        ),
+        (
+            {"clip.model": "ViT-B-32", "clip.pretrained": "none", "curate.image_size": 160},
+            "curate.image_size: 160 is smaller than the input of clip.model ViT-B-32 (224 px)",
+        ),
+        ({"distill.lambda_cos": float("inf")}, "distill.lambda_cos: Input should be a finite number"),
+        ({"teacher.temperature": float("nan")}, "teacher.temperature: Input should be a finite number"),
+        (
+            {"detect.out": "data/curated"},
+            "curate.out: data/curated and detect.out: data/curated overlap; give each stage output its own path",
+        ),
+        (
+            {"embed.scratch": "data/curated/tmp"},
+            "curate.out: data/curated and embed.scratch: data/curated/tmp overlap",
+        ),
+        (
+            {"distill.out": "demo/raw/coco/student.pt"},
+            "distill.out: demo/raw/coco/student.pt overlaps the raw input sources.coco.images: demo/raw/coco",
+        ),
+        ({"curate.shard_size": 10**9}, "curate.shard_size: Input should be less than or equal to 100000"),
+        ({"world.cc.shard_size": 10**9}, "world.cc.shard_size: Input should be less than or equal to 100000"),
+    ],
+)
+def test_combinations_that_cannot_work_are_refused_up_front(change, expected):
+    # Before: `dclip params check` said ok to each of these.
+    raw = default_raw()
+    for dotted, value in change.items():
+        node = raw
+        *path, last = dotted.split(".")
+        for key in path:
+            node = node[key]
+        node[last] = value
+    assert expected in refused(raw)
+
+
+def test_a_rule_across_sections_prints_each_problem_once_without_the_whole_file():
+    raw = default_raw()
+    raw["curate"]["image_size"] = 8
+    raw["detect"]["out"] = "data/curated"
+    lines = refused(raw).splitlines()
+    assert lines[0] == "params.yaml: 2 invalid value(s) or combination(s)"
+    assert len(lines) == 3 and all(len(line) < 200 for line in lines)
+
+
+def test_the_cli_check_refuses_a_combination_with_exit_2(tmp_path):
+    raw = default_raw()
+    raw["detect"]["scratch"] = raw["embed"]["scratch"]
+    for section in ("clip", "detector"):  # weights files relative to the repository
+        for key in ("pretrained", "weights"):
+            if key in raw[section]:
+                raw[section][key] = str(REPO / raw[section][key])
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["params", "check", str(bad)])
+    assert result.exit_code == 2
+    assert "detect.scratch: data/embed-scratch and embed.scratch: data/embed-scratch overlap" in result.output

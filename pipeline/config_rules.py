@@ -1,0 +1,110 @@
+"""Rules across params sections, checked when a params file is read (`dclip params check` and
+every stage), so that a combination that cannot work fails before hours are spent, not in the
+stage that meets it.
+
+Each rule compares only sections the file sets: a stage that validates a few sections leaves the
+others at their defaults, which must not be mistaken for the file's.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.config import Params
+
+# Where each stage writes (section, key): no two may be the same path or one inside the other.
+OUTPUTS = (
+    ("world", "out"),
+    ("clip", "checkpoint"),
+    ("detector", "checkpoint"),
+    ("curate", "out"),
+    ("detect", "out"),
+    ("detect", "scratch"),
+    ("embed", "out"),
+    ("embed", "scratch"),
+    ("teacher", "out"),
+    ("teacher", "targets"),
+    ("teacher", "scratch"),
+    ("distill", "out"),
+    ("distill", "scratch"),
+)
+# The demo world writes the raw sources: they are meant to lie inside world.out.
+WRITES_SOURCES = ("world", "out")
+
+
+def problems(params: Params) -> list[str]:
+    """Every cross-section rule the params break, one line each (empty when none)."""
+    given = params.model_fields_set
+    return [*_image_size(params, given), *_overlaps(params, given)]
+
+
+def _image_size(params: Params, given: set[str]) -> list[str]:
+    """Curated images must not be smaller than the model's input: CLIP's preprocessing would
+    upscale every stored image and detect would see less than it should."""
+    if not {"clip", "curate"} <= given:
+        return []
+    need = model_input_size(params.clip.model)
+    if need is None or params.curate.image_size >= need:
+        return []
+    return [
+        f"curate.image_size: {params.curate.image_size} is smaller than the input of clip.model "
+        f"{params.clip.model} ({need} px); store images at least that large"
+    ]
+
+
+def model_input_size(model: str) -> int | None:
+    """The image side an open_clip architecture takes, from its config alone (no weights)."""
+    import open_clip
+
+    from pipeline.models.clip import available_models
+
+    if model not in available_models():  # registers the project's own configs
+        return None
+    size: Any = (open_clip.get_model_config(model) or {}).get("vision_cfg", {}).get("image_size")
+    if isinstance(size, list | tuple):
+        return int(max(size))
+    return int(size) if size is not None else None
+
+
+def _paths(params: Params, given: set[str]) -> tuple[dict[str, PurePosixPath], dict[str, PurePosixPath]]:
+    outputs = {
+        f"{section}.{key}": PurePosixPath(getattr(getattr(params, section), key))
+        for section, key in OUTPUTS
+        if section in given
+    }
+    inputs: dict[str, PurePosixPath] = {}
+    if "sources" in given:
+        for name, source in params.sources:
+            for key, value in source:
+                if isinstance(value, str) and key != "coco_test" and key != "flickr30k_test":
+                    if key in ("coco", "flickr30k") and name == "karpathy":
+                        continue  # file names inside sources.karpathy.folder
+                    inputs[f"sources.{name}.{key}"] = PurePosixPath(value)
+    return outputs, inputs
+
+
+def _within(a: PurePosixPath, b: PurePosixPath) -> bool:
+    return a == b or b in a.parents
+
+
+def _overlaps(params: Params, given: set[str]) -> list[str]:
+    """No stage may write where another writes or where the raw sources are: DVC would track one
+    output inside another, and a stage could delete what another made."""
+    outputs, inputs = _paths(params, given)
+    found = []
+    names = list(outputs)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            pa, pb = outputs[a], outputs[b]
+            if _within(pa, pb) or _within(pb, pa):
+                found.append(f"{a}: {pa} and {b}: {pb} overlap; give each stage output its own path")
+    world = ".".join(WRITES_SOURCES)
+    for out, po in outputs.items():
+        if out == world:
+            continue
+        for src, ps in inputs.items():
+            if _within(po, ps) or _within(ps, po):
+                found.append(f"{out}: {po} overlaps the raw input {src}: {ps}; write outputs elsewhere")
+    return found
