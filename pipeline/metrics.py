@@ -83,6 +83,11 @@ def _check(queries: Tensor, candidates: Tensor, positives: Tensor) -> None:
         raise ValueError(
             f"positives must be int64 (queries, P), got {positives.dtype} {tuple(positives.shape)}"
         )
+    if queries.shape[0] == 0 or candidates.shape[0] == 0:
+        raise ValueError(
+            f"{queries.shape[0]} queries and {candidates.shape[0]} candidates: an empty evaluation set "
+            "has no metrics"
+        )
     if not (torch.isfinite(queries).all() and torch.isfinite(candidates).all()):
         raise ValueError("embeddings contain NaN or infinity")
     if positives.numel() and (positives.max() >= candidates.shape[0] or positives.min() < -1):
@@ -134,6 +139,8 @@ def chance_recall_at_k(n_candidates: int, n_positives: Tensor, ks: Sequence[int]
 
 def captions_of_images(text_image: Tensor, n_images: int) -> Tensor:
     """(n_images, P) caption indices per image, padded with -1, from each caption's image index."""
+    if n_images == 0:
+        raise ValueError("no images: an empty evaluation set has no metrics")
     bad = text_image.numel() and (text_image.min() < 0 or text_image.max() >= n_images)
     if text_image.ndim != 1 or bad:
         raise ValueError(f"text_image must hold image indices in [0, {n_images})")

@@ -293,3 +293,18 @@ def test_probe_places_and_the_text_side_ceiling():
     assert got == {"a": 0.0, "b": pytest.approx(1.0), "mean": pytest.approx(0.5)}
     with pytest.raises(ValueError, match="counts differ"):
         probe_text_cosine(positive, negative, ["a"])
+
+
+def test_an_empty_evaluation_set_is_a_clear_error_not_a_torch_one():
+    # Before: retrieval raised torch's "max(): Expected reduction dim ..." RuntimeError and
+    # zero-shot returned NaN accuracies.
+    none = torch.zeros(0, 4)
+    no_index = torch.zeros(0, dtype=torch.int64)
+    with pytest.raises(ValueError, match="^no images: an empty evaluation set has no metrics$"):
+        metrics.retrieval_metrics(none, none, no_index)
+    with pytest.raises(
+        ValueError, match="^0 queries and 3 candidates: an empty evaluation set has no metrics$"
+    ):
+        metrics.zero_shot_metrics(none, torch.randn(3, 4), no_index)
+    with pytest.raises(ValueError, match="^2 queries and 0 candidates: an empty evaluation set"):
+        metrics.zero_shot_metrics(torch.randn(2, 4), none, torch.zeros(2, dtype=torch.int64))
