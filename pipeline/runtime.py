@@ -1,4 +1,5 @@
-"""Where the work runs: the device a `device` setting names and the autocast policy.
+"""Where the work runs: the device a `device` setting names, the autocast policy, and an import of
+ultralytics that leaves the thread settings alone.
 
 Neither changes what a stage computes beyond float rounding, and neither is a hashed param.
 Mixed precision is used on CUDA only: bf16 autocast is fast on some CPUs and slow on others.
@@ -7,6 +8,8 @@ Mixed precision is used on CUDA only: bf16 autocast is fast on some CPUs and slo
 from __future__ import annotations
 
 import contextlib
+import os
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -47,3 +50,19 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def import_ultralytics() -> ModuleType:
+    """ultralytics, imported without its side effect on the environment.
+
+    On import, ultralytics sets OMP_NUM_THREADS=1 when it is unset. Every process started
+    afterwards (DataLoader workers, decode pools, a `dvc repro` run from the same shell or test
+    session) then runs torch on one thread: slower, and with other float rounding, so that the
+    same stage gave other bytes depending on what the parent process had imported. Every import
+    of ultralytics in the project goes through here first; the user's own setting is kept."""
+    had = "OMP_NUM_THREADS" in os.environ
+    import ultralytics
+
+    if not had:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    return ultralytics

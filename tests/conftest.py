@@ -15,6 +15,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["YOLO_OFFLINE"] = "1"
 os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="dclip-yolo-config-"))
 
+# ultralytics' import sets OMP_NUM_THREADS=1 unless it is set: first through the project's guard,
+# so that a test importing ultralytics does not change the threads (and the float rounding) of
+# every stage the tests start afterwards.
+from pipeline.runtime import import_ultralytics  # noqa: E402
+
+import_ultralytics()
+
 
 @pytest.fixture(scope="session")
 def tiny_world_cfg():

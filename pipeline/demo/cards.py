@@ -278,6 +278,9 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def detector_quality(weights: Path | str, held: DetectorHeldOut, workers: int = 1) -> dict:
     """Class-agnostic recall at IoU 0.5 over objects at least `min_visible` visible, and
     class-aware precision at IoU 0.5, on fresh curated-domain scenes (DETECTOR_METRICS)."""
+    from pipeline.models.detector import prepare_ultralytics
+
+    prepare_ultralytics()
     from ultralytics import YOLO
     from ultralytics.engine.results import Results
 

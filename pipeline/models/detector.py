@@ -20,7 +20,7 @@ import torch
 
 from pipeline.errors import InputError
 from pipeline.files import file_digest
-from pipeline.runtime import pick_device
+from pipeline.runtime import import_ultralytics, pick_device
 
 
 class DetectorError(InputError, RuntimeError):
@@ -129,6 +129,7 @@ def prepare_ultralytics() -> None:
     tries to download it otherwise (matplotlib ships DejaVu Sans, which serves); and with dvclive
     installed its DVC callback would turn the run into a DVC experiment of this repository. The
     logger integrations are switched off in ultralytics' settings, its documented way."""
+    import_ultralytics()  # first: its import must not change OMP_NUM_THREADS
     import matplotlib
     from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
 
