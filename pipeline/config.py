@@ -632,6 +632,24 @@ def parse_params(raw: Any, source: str = "params", base_dir: Path | str = ".") -
         raise ParamsError(_format_errors(source, err, raw)) from None
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats. PyYAML follows YAML 1.1, where a float needs
+    a dot: `1e-5` and `1e-05` (what `dvc exp run -S distill.lr=1e-5` writes: DVC's own YAML is
+    1.2) were read as strings and refused as "not a valid number"."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str | bytes) -> Any:
+    """A params file's YAML as DVC reads it (YAML 1.2 numbers), with PyYAML's safe loader."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_params(path: Path | str = "params.yaml", only: tuple[str, ...] | None = None) -> Params:
     """Read and validate a params file; raises ParamsError naming every bad key.
 
@@ -641,7 +659,7 @@ def load_params(path: Path | str = "params.yaml", only: tuple[str, ...] | None =
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if only is not None and isinstance(raw, dict):

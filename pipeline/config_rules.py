@@ -37,7 +37,7 @@ WRITES_SOURCES = ("world", "out")
 def problems(params: Params) -> list[str]:
     """Every cross-section rule the params break, one line each (empty when none)."""
     given = params.model_fields_set
-    return [*_image_size(params, given), *_overlaps(params, given)]
+    return [*_image_size(params, given), *_heads(params, given), *_overlaps(params, given)]
 
 
 def _image_size(params: Params, given: set[str]) -> list[str]:
@@ -54,15 +54,34 @@ def _image_size(params: Params, given: set[str]) -> list[str]:
     ]
 
 
-def model_input_size(model: str) -> int | None:
-    """The image side an open_clip architecture takes, from its config alone (no weights)."""
+def _heads(params: Params, given: set[str]) -> list[str]:
+    """The teacher's attention heads split CLIP's joint space: a count that does not divide its
+    width would fail only at the teacher stage, hours in."""
+    if not {"clip", "teacher"} <= given:
+        return []
+    width = _model_config(params.clip.model).get("embed_dim")
+    if width is None or int(width) % params.teacher.heads == 0:
+        return []
+    return [
+        f"teacher.heads: {params.teacher.heads} does not divide the embedding width of clip.model "
+        f"{params.clip.model} ({width})"
+    ]
+
+
+def _model_config(model: str) -> dict:
+    """An open_clip architecture's config (no weights); empty for an unknown name."""
     import open_clip
 
     from pipeline.models.clip import available_models
 
     if model not in available_models():  # registers the project's own configs
-        return None
-    size: Any = (open_clip.get_model_config(model) or {}).get("vision_cfg", {}).get("image_size")
+        return {}
+    return open_clip.get_model_config(model) or {}
+
+
+def model_input_size(model: str) -> int | None:
+    """The image side an open_clip architecture takes, from its config alone (no weights)."""
+    size: Any = _model_config(model).get("vision_cfg", {}).get("image_size")
     if isinstance(size, list | tuple):
         return int(max(size))
     return int(size) if size is not None else None

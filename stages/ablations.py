@@ -33,7 +33,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import typer
-import yaml
 
 from pipeline.ablations import (
     ABLATIONS,
@@ -49,6 +48,7 @@ from pipeline.ablations import (
     study_table,
     to_markdown,
 )
+from pipeline.config import read_yaml
 from pipeline.errors import DclipError, UsageError
 from stages.outputs import write_json
 
@@ -174,7 +174,7 @@ def collect(
     if base is not None:
         queries[REFERENCE] = {0: base}
     raw = _baseline_file(root, source, PARAMS)
-    ws_params = (yaml.safe_load(raw) if raw else None) or {}
+    ws_params = (read_yaml(raw) if raw else None) or {}
     ws_seed = workspace_seed(ws_params)
     full = _read_queries(_baseline_file(root, source, QUERIES))
     if ws_seed is not None and full is not None:
@@ -201,7 +201,7 @@ def collect(
 def planned(names: list[str] | None, seeds: int, root: Path) -> list[tuple[str, int]]:
     """(variant, seed) runs to make: every named variant (default: all) with seeds 0 … seeds-1,
     less the workspace's own run."""
-    ws = yaml.safe_load((root / PARAMS).read_text()) if (root / PARAMS).is_file() else {}
+    ws = read_yaml((root / PARAMS).read_text()) if (root / PARAMS).is_file() else {}
     ws_seed = workspace_seed(ws or {})
     return [
         (a.name, seed)

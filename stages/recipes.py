@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import parse_params
+from pipeline.config import parse_params, read_yaml
 from pipeline.errors import ParamsError
 
 
@@ -63,7 +63,7 @@ def find(name: str, params_file: Path = Path("params.yaml")) -> Recipe:
 def validate(recipe: Recipe, params_file: Path) -> None:
     """Validate the recipe as it will be read once it is params_file (paths against its folder)."""
     try:
-        raw = yaml.safe_load(recipe.path.read_text())
+        raw = read_yaml(recipe.path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"{recipe.path}: not valid YAML: {err}") from None
     try:

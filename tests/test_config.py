@@ -308,6 +308,10 @@ def test_the_teacher_architecture_s_defaults_are_the_params_defaults():
             {"distill.out": "demo/raw/coco/student.pt"},
             "distill.out: demo/raw/coco/student.pt overlaps the raw input sources.coco.images: demo/raw/coco",
         ),
+        (
+            {"teacher.heads": 3},
+            "teacher.heads: 3 does not divide the embedding width of clip.model DCLIP-Demo-RN64 (128)",
+        ),
         ({"curate.shard_size": 10**9}, "curate.shard_size: Input should be less than or equal to 100000"),
         ({"world.cc.shard_size": 10**9}, "world.cc.shard_size: Input should be less than or equal to 100000"),
     ],
@@ -345,3 +349,53 @@ def test_the_cli_check_refuses_a_combination_with_exit_2(tmp_path):
     result = CliRunner().invoke(app, ["params", "check", str(bad)])
     assert result.exit_code == 2
     assert "detect.scratch: data/embed-scratch and embed.scratch: data/embed-scratch overlap" in result.output
+
+
+# --- YAML numbers as DVC writes them ----------------------------------------------------------------
+
+
+def test_params_numbers_are_read_as_yaml_1_2_reads_them():
+    # PyYAML (YAML 1.1) reads 1e-5 and 1e-05 as strings: a float needs a dot there.
+    assert yaml.safe_load("lr: 1e-5") == {"lr": "1e-5"}
+    from pipeline.config import read_yaml
+
+    text = "a: 1e-5\nb: 1e-05\nc: .5\nd: 1E+3\ne: -2e-3\nf: 1\ng: 1_000\nh: 12e\ni: v1e5\nj: 1.5e-3"
+    assert read_yaml(text) == {
+        "a": 1e-5,
+        "b": 1e-5,
+        "c": 0.5,
+        "d": 1000.0,
+        "e": -0.002,
+        "f": 1,
+        "g": 1000,
+        "h": "12e",
+        "i": "v1e5",
+        "j": 0.0015,
+    }
+
+
+def test_a_learning_rate_set_by_dvc_exp_run_is_a_number(tmp_path):
+    # `dvc exp run -S distill.lr=1e-5` writes `lr: 1e-05`, which was refused as "not a valid
+    # number": every sweep over a learning rate failed. Through a real DVC experiment.
+    from .helpers import sh
+
+    raw = default_raw()
+    raw["clip"]["pretrained"] = str(REPO / raw["clip"]["pretrained"])
+    raw["detector"]["weights"] = str(REPO / raw["detector"]["weights"])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    stage = {"cmd": "dclip params check params.yaml", "params": ["distill.lr"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"check": stage}}))
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "ci@dclip.invalid"],
+        ["git", "config", "user.name", "dclip tests"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "params"],
+    ):
+        sh(cmd, tmp_path)
+    out = sh(["dvc", "exp", "run", "-S", "distill.lr=1e-5"], tmp_path)
+    assert "params.yaml: ok" in out
+    assert "lr: 1e-05" in (tmp_path / "params.yaml").read_text()  # what DVC wrote
+    assert load_params(tmp_path / "params.yaml").distill.lr == 1e-5
