@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
+import sys
 from types import ModuleType
 from typing import Literal
 
@@ -19,15 +22,95 @@ from pipeline.errors import InputError
 Precision = Literal["auto", "off", "bf16", "fp16"]
 
 
-def pick_device(name: str = "auto") -> torch.device:
+# The oldest NVIDIA Linux driver each CUDA major version runs on (NVIDIA's compatibility table).
+MIN_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
+
+
+def pick_device(name: str = "auto", quiet: bool = False) -> torch.device:
     """The device a setting names: auto (the GPU when torch sees one, else the CPU), cpu, cuda or
-    cuda:N."""
+    cuda:N. Says on stderr which device it picked and why, so that a stage that will run on the
+    CPU says so when it starts, not hours later. `cuda` without a usable GPU is an error that
+    names the cause (a CPU-only torch, no driver, a driver too old for this torch's CUDA)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} asked for, but torch sees no CUDA device")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        why = "" if device.type == "cuda" else f": {gpu_problem()}"
+    else:
+        device = torch.device(name)
+        why = ""
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device {name!r} asked for, but {gpu_problem()}")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+    if not quiet:
+        print(f"device: {device} (asked: {name}){why}", file=sys.stderr)
     return device
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version, from nvidia-smi; None without one."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if out.returncode == 0 and lines else None
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".") if x.isdigit())
+
+
+def gpu_problem() -> str:
+    """Why torch sees no usable GPU, in words, with what to do (see docs/gpus.md)."""
+    built = torch.version.cuda
+    if built is None:
+        return f"torch {torch.__version__} is a CPU-only build: install a CUDA build (docs/gpus.md)"
+    driver = nvidia_driver()
+    if driver is None:
+        build = f"torch {torch.__version__} is built for CUDA {built}"
+        return f"torch sees no CUDA device ({build}; no NVIDIA driver found)"
+    need = MIN_DRIVER.get(int(built.split(".")[0]))
+    if need is not None and _version(driver) < _version(need):
+        return (
+            f"torch {torch.__version__} is built for CUDA {built}, which needs NVIDIA driver {need} or "
+            f"newer, and this machine's driver is {driver}: update the driver or install a torch build "
+            "for an older CUDA (docs/gpus.md)"
+        )
+    return f"torch sees no CUDA device (torch built for CUDA {built}, NVIDIA driver {driver})"
+
+
+def describe() -> dict:
+    """What `dclip doctor` prints about torch and the GPUs."""
+    gpus = (
+        [
+            {
+                "index": i,
+                "name": torch.cuda.get_device_name(i),
+                "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1),
+            }
+            for i in range(torch.cuda.device_count())
+        ]
+        if torch.cuda.is_available()
+        else []
+    )
+    return {
+        "torch": torch.__version__,
+        "torch_cuda_build": torch.version.cuda,
+        "nvidia_driver": nvidia_driver(),
+        "cuda_available": torch.cuda.is_available(),
+        "gpus": gpus,
+        "auto_picks": str(pick_device("auto", quiet=True)),
+        "why_not_cuda": None if torch.cuda.is_available() else gpu_problem(),
+        "cpu_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    }
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -308,6 +308,19 @@ def demo_cards(
         typer.echo(f"{name}: {json.dumps(quality)}")
 
 
+@command(app)
+def doctor(
+    root: Annotated[Path, typer.Option(help="The project folder (where data/ goes).")] = Path("."),
+) -> None:
+    """What this machine offers: torch, its CUDA build, the NVIDIA driver, the GPUs, what
+    `device: auto` picks and why not a GPU, CPU threads, free disk and what data/ holds."""
+    import json
+
+    from stages import doctor as stage
+
+    typer.echo(json.dumps(stage.report(root), indent=2))
+
+
 @command(config_app, "list")
 def config_list(params: ParamsFile = Path("params.yaml")) -> None:
     """The recipes in configs/ (whole params files); `*` marks the one params.yaml is now."""

@@ -40,3 +40,61 @@ def test_device_choice_and_precision_on_this_machine():
             pick_device("cuda")
     cpu = torch.device("cpu")
     assert amp_dtype("auto", cpu) is None and inference_dtype(cpu) is None
+
+
+def test_the_device_is_said_when_it_is_picked(capsys):
+    pick_device("cpu")
+    assert capsys.readouterr().err == "device: cpu (asked: cpu)\n"
+    pick_device("cpu", quiet=True)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "cuda, driver, expected",
+    [
+        (None, None, "torch 2.9.9 is a CPU-only build: install a CUDA build (docs/gpus.md)"),
+        (
+            "13.0",
+            None,
+            "torch sees no CUDA device (torch 2.9.9 is built for CUDA 13.0; no NVIDIA driver found)",
+        ),
+        (
+            "13.0",
+            "535.104.05",
+            "torch 2.9.9 is built for CUDA 13.0, which needs NVIDIA driver 580.65.06 or newer, and this "
+            "machine's driver is 535.104.05: update the driver or install a torch build for an older CUDA",
+        ),
+        (
+            "12.8",
+            "550.54.15",
+            "torch sees no CUDA device (torch built for CUDA 12.8, NVIDIA driver 550.54.15)",
+        ),
+    ],
+)
+def test_cuda_without_a_usable_gpu_names_the_cause(monkeypatch, cuda, driver, expected):
+    # Before: "torch sees no CUDA device", and device: auto ran on the CPU without a word.
+    from pipeline import runtime
+
+    monkeypatch.setattr(torch, "__version__", "2.9.9")
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(runtime, "nvidia_driver", lambda: driver)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runtime.gpu_problem().startswith(expected)
+    with pytest.raises(InputError, match="^device 'cuda' asked for, but "):
+        pick_device("cuda")
+
+
+def test_dclip_doctor_says_what_auto_picks_and_why():
+    import json
+
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    result = CliRunner().invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)
+    assert got["torch"] == torch.__version__ and got["cpu_threads"] == torch.get_num_threads()
+    assert got["auto_picks"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert (got["why_not_cuda"] is None) == torch.cuda.is_available()
+    assert got["disk_free_gib"] > 0
