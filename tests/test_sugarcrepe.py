@@ -34,6 +34,20 @@ def test_the_real_files():
     assert all(i.caption != i.negative_caption for i in items)
 
 
+def test_the_documented_checksums_are_those_of_the_real_files():
+    # docs/real-data.md has users check their download against docs/sugarcrepe.sha256.
+    import hashlib
+
+    listed = dict(
+        reversed(line.split("  ")) for line in (REPO / "docs" / "sugarcrepe.sha256").read_text().splitlines()
+    )
+    assert sorted(listed) == sorted(f"sugarcrepe/{c}.json" for c in CATEGORIES)
+    if not REAL.is_dir():
+        pytest.skip("the SugarCrepe files live in ../shared")
+    for name, digest in listed.items():
+        assert hashlib.sha256((REAL / name.split("/")[1]).read_bytes()).hexdigest() == digest, name
+
+
 def write(folder, docs):
     folder.mkdir(parents=True, exist_ok=True)
     for c in CATEGORIES:
