@@ -56,10 +56,12 @@ def command(
 
 @command(params_app, "check")
 def params_check(file: Annotated[Path, typer.Argument(help="Params file.")] = Path("params.yaml")) -> None:
-    """Validate a params file: every section, every key; exit 2 naming each bad key."""
+    """Validate a params file: every section, every key, the rules across sections, and every raw
+    input it names (those the demo's world stage makes are left to it); exit 2 naming each fault."""
     from pipeline.config import load_params
+    from stages.curate import check_raw_inputs
 
-    load_params(file)
+    check_raw_inputs(load_params(file), file, made_by_world=True)
     typer.echo(f"{file}: ok")
 
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from pipeline.captions import clip_token_counter
-from pipeline.config import load_params, settings
+from pipeline.config import Params, load_params, settings
 from pipeline.curate import Settings, SourcePaths, curate
 from pipeline.errors import ParamsError
 from stages.outputs import write_json
@@ -16,16 +16,29 @@ from stages.outputs import write_json
 METRICS = Path("metrics/curate.json")
 
 
+def check_raw_inputs(params: Params, params_file: Path, made_by_world: bool) -> None:
+    """Every raw input the sources name exists, or a ParamsError names each that does not.
+    With `made_by_world`, inputs inside world.out are left out: the demo's world stage makes them
+    (what `dclip params check` wants before `dvc repro`); the curate stage itself needs them all."""
+    root = params_file.parent
+    world = (root / params.world.out).resolve()
+    missing = [
+        (key, path)
+        for key, path in SourcePaths.resolve(params.sources, root).missing()
+        if not (made_by_world and path.resolve().is_relative_to(world))
+    ]
+    if missing:
+        raise ParamsError(
+            f"{params_file}: {len(missing)} raw input(s) not found (the curate stage reads them)\n"
+            + "\n".join(f"  {key}: {path} does not exist" for key, path in missing)
+        )
+
+
 def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) -> dict:
     params = load_params(params_file)
     root = params_file.parent
+    check_raw_inputs(params, params_file, made_by_world=False)
     paths = SourcePaths.resolve(params.sources, root)
-    missing = paths.missing()
-    if missing:
-        raise ParamsError(
-            f"{params_file}: {len(missing)} raw input(s) not found\n"
-            + "\n".join(f"  {key}: {path} does not exist" for key, path in missing)
-        )
     count_tokens, context = clip_token_counter(params.clip.model)
     max_tokens = params.curate.caption.max_tokens or context
     if max_tokens > context:

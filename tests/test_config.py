@@ -399,3 +399,26 @@ def test_a_learning_rate_set_by_dvc_exp_run_is_a_number(tmp_path):
     assert "params.yaml: ok" in out
     assert "lr: 1e-05" in (tmp_path / "params.yaml").read_text()  # what DVC wrote
     assert load_params(tmp_path / "params.yaml").distill.lr == 1e-5
+
+
+def test_params_check_names_every_raw_input_that_is_not_there(tmp_path):
+    # Before: `dclip params check` said ok to a recipe with no data/raw at all.
+    raw = default_raw()
+    for section in ("clip", "detector"):
+        for key in ("pretrained", "weights"):
+            if key in raw[section]:
+                raw[section][key] = str(REPO / raw[section][key])
+    raw["sources"]["cc"]["shards"] = "data/raw/cc"  # outside demo/raw: nothing makes it
+    raw["sources"]["imagenet"]["val"] = "data/raw/imagenet/val"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["params", "check", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        f"error: {tmp_path / 'params.yaml'}: 2 raw input(s) not found (the curate stage reads them)",
+        f"  sources.cc.shards: {tmp_path / 'data/raw/cc'} does not exist",
+        f"  sources.imagenet.val: {tmp_path / 'data/raw/imagenet/val'} does not exist",
+    ]
+    (tmp_path / "data/raw/cc").mkdir(parents=True)
+    (tmp_path / "data/raw/imagenet/val").mkdir(parents=True)
+    ok = CliRunner().invoke(app, ["params", "check", str(tmp_path / "params.yaml")])
+    assert ok.exit_code == 0, ok.output  # the demo world's inputs are left to its stage
