@@ -115,3 +115,17 @@ def test_a_params_edit_reruns_the_world_and_restores_from_cache(reproduced):
     assert "Running stage 'demo/dvc.yaml:world'" in sh(["dvc", "repro", "demo/dvc.yaml"], repo)
     # Back to the committed params: DVC's run-cache restores the outputs without running.
     restore(repo)
+
+
+def test_every_plot_names_its_axes():
+    # Before: the recall plots' y axis was titled "y" and the teacher's x axis "step" for epochs.
+    from .helpers import REPO
+
+    doc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    for plot in doc["plots"]:
+        ((name, props),) = plot.items()
+        assert props.get("x_label") and props.get("y_label"), name
+    for stage, body in doc["stages"].items():
+        for out in body.get("plots", []):
+            ((path, props),) = out.items()
+            assert props.get("x_label") not in (None, "step"), f"{stage}: {path}"
