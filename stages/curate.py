@@ -21,12 +21,10 @@ def check_raw_inputs(params: Params, params_file: Path, made_by_world: bool) -> 
     With `made_by_world`, inputs inside world.out are left out: the demo's world stage makes them
     (what `dclip params check` wants before `dvc repro`); the curate stage itself needs them all."""
     root = params_file.parent
-    world = (root / params.world.out).resolve()
-    missing = [
-        (key, path)
-        for key, path in SourcePaths.resolve(params.sources, root).missing()
-        if not (made_by_world and path.resolve().is_relative_to(world))
-    ]
+    missing = SourcePaths.resolve(params.sources, root).missing()
+    if made_by_world:  # (world.out is read only here: the curate stage does not list it)
+        world = (root / params.world.out).resolve()
+        missing = [(key, path) for key, path in missing if not path.resolve().is_relative_to(world)]
     if missing:
         raise ParamsError(
             f"{params_file}: {len(missing)} raw input(s) not found (the curate stage reads them)\n"
