@@ -97,9 +97,8 @@ def _paths(params: Params, given: set[str]) -> tuple[dict[str, PurePosixPath], d
     if "sources" in given:
         for name, source in params.sources:
             for key, value in source:
-                if isinstance(value, str) and key != "coco_test" and key != "flickr30k_test":
-                    if key in ("coco", "flickr30k") and name == "karpathy":
-                        continue  # file names inside sources.karpathy.folder
+                # sources.karpathy names its files inside its folder: the folder is the input.
+                if isinstance(value, str) and (name != "karpathy" or key == "folder"):
                     inputs[f"sources.{name}.{key}"] = PurePosixPath(value)
     return outputs, inputs
 
