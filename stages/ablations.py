@@ -20,7 +20,6 @@ gives the base CLIP (metrics/queries/base.parquet) and its own `full` run.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shlex
@@ -135,7 +134,11 @@ def _git_show(root: Path, ref: str, path: str) -> bytes | None:
 
 
 def _read_queries(data: bytes | None) -> pa.Table | None:
-    return None if data is None else pq.read_table(io.BytesIO(data))
+    # An Arrow buffer, read on this thread: a Python file object (io.BytesIO) handed to Arrow's
+    # thread pool could abort the interpreter at exit ("terminate called without an active
+    # exception", exit 134; apache/arrow#34314, #50482): seen once in CI on a command that had
+    # finished its work.
+    return None if data is None else pq.read_table(pa.BufferReader(data), use_threads=False)
 
 
 def workspace_seed(params: Mapping) -> int | None:
