@@ -38,7 +38,7 @@ from pipeline.shards import ShardWriter, read_shard
 
 def settings_from(params) -> Settings:
     d = params.detect
-    return Settings(d.conf, d.iou, None, d.max_regions, d.min_area_fraction, d.batch_size)
+    return Settings(d.conf, d.iou, None, d.max_regions, d.min_area_fraction, params.runtime.batch_size.detect)
 
 
 def letterboxed(shards: list[Path], model: yolo.Detector, limit: int | None = None) -> np.ndarray:
@@ -138,9 +138,8 @@ def rss_child(params_file: Path, folder: Path, tmp: Path) -> None:
     model = yolo.load(params.detector.model, params.detector.weights, d.imgsz, "cpu", params_file.parent)
     shards = sorted(folder.glob("*.tar"))
     start = time.perf_counter()
-    metrics = detect(
-        shards, tmp / "r.parquet", tmp / "scratch", model, settings_from(params), d.workers, False
-    )
+    workers = params.runtime.workers
+    metrics = detect(shards, tmp / "r.parquet", tmp / "scratch", model, settings_from(params), workers, False)
     seconds = time.perf_counter() - start
     rss_mb = peak_rss_mb()
     row = {"shards": len(shards), "images": metrics["images"], "seconds": round(seconds, 1)}
@@ -166,7 +165,7 @@ def main() -> None:
 
     params = load_params(args.params)
     root = args.params.parent
-    d = params.detect
+    d, workers = params.detect, params.runtime.workers
     train = sorted((root / params.curate.out / "train").glob("*.tar"))
     if not train:
         raise SystemExit(
@@ -181,7 +180,7 @@ def main() -> None:
             predict_ips(str(root / params.detector.weights), shards, d.imgsz, settings, n), 1
         )
     }
-    row = compare(params.detector.weights, model, shards, settings, d.workers, args.repeats, n, ref)
+    row = compare(params.detector.weights, model, shards, settings, workers, args.repeats, n, ref)
     print(json.dumps(row), flush=True)
 
     if args.v8x_images:
@@ -192,7 +191,7 @@ def main() -> None:
             with ShardWriter(tmp, max_count=args.v8x_images) as w:
                 for _, (key, sample) in zip(range(args.v8x_images), read_shard(train[0])):
                     w.write(key, sample)
-            row = compare("yolov8x.yaml (random)", big, w.paths, few, d.workers, 1, args.v8x_images)
+            row = compare("yolov8x.yaml (random)", big, w.paths, few, workers, 1, args.v8x_images)
         print(json.dumps(row), flush=True)
 
     for copies in args.rss:

@@ -51,14 +51,15 @@ def main() -> None:
     regions = root / params.detect.out
     if not shards or not regions.exists():
         raise SystemExit(f"no curated shards in {curated / 'train'} or no {regions}: run `dvc repro detect`")
-    encoder = load_encoder(params.clip.model, params.clip.pretrained, params.embed.device, root)
+    encoder = load_encoder(params.clip.model, params.clip.pretrained, params.runtime.device, root)
 
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         start = time.perf_counter()
         cache = embed.embed(
             shards, curated / "train.parquet", regions, tmp / "embeddings", tmp / "embed-scratch",
-            encoder, settings(embed.Settings, params.embed), params.embed.workers, False,
+            encoder, settings(embed.Settings, params.embed, batch_size=params.runtime.batch_size.embed),
+            params.runtime.workers, False,
         )  # fmt: skip
         embed_seconds = time.perf_counter() - start
         del encoder

@@ -113,7 +113,6 @@ class World(Section):
     # Karpathy test images copied byte for byte into Flickr30k train and into CC, as web crawls
     # do: the leakage guard's content hash must catch them.
     planted_duplicates: Count = 5
-    workers: PositiveInt = 2  # generation processes; the output does not depend on it
     out: str = "demo/raw"
 
     @field_validator("image_size")
@@ -291,7 +290,6 @@ class Curate(Section):
     )
     jpeg_quality: JpegQuality = 90
     shard_size: Annotated[int, Field(gt=0, le=100_000, strict=True)] = 2000  # samples per shard
-    workers: PositiveInt = 2  # decoding processes; the output does not depend on it
     out: PathStr = "data/curated"
 
     @field_validator("captions_per_image", mode="before")
@@ -392,10 +390,6 @@ class Detect(Section):
     # Class ids or names kept (e.g. [person, dog] for a COCO detector); null: every class.
     classes: list[int | str] | None = None
     min_area_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.002  # of the image's area
-    batch_size: PositiveInt = 32
-    workers: PositiveInt = 2  # decoding threads; the output does not depend on it
-    device: Device = "auto"  # auto (CUDA with float16 when present), cpu, cuda or cuda:N
-    scratch: PathStr = "data/detect-scratch"  # per-shard parts a re-run resumes from
     out: PathStr = "data/regions.parquet"
 
     @field_validator("imgsz")
@@ -435,10 +429,6 @@ class Embed(Section):
     weights: Literal["product", "conf", "area", "sim", "uniform"] = "product"
     # Regions per image, the whole image included (the most confident boxes); null: every box.
     max_regions: PositiveInt | None = None
-    batch_size: PositiveInt = 64  # crops (and captions) per forward pass
-    workers: PositiveInt = 2  # decoding and cropping threads; the output does not depend on it
-    device: Device = "auto"  # auto (CUDA with float16 autocast when present), cpu, cuda or cuda:N
-    scratch: PathStr = "data/embed-scratch"  # per-shard parts a re-run resumes from
     out: PathStr = "data/embeddings"
 
 
@@ -469,9 +459,6 @@ class Evaluate(Section):
     # single: the paper's "This is a photo of a {label}"; openai: OpenAI's 80 ImageNet templates
     # as open_clip ships them, averaged per class (normalised, mean, renormalised).
     prompts: Literal["single", "openai"] = "single"
-    batch_size: PositiveInt = 256  # images (and captions) per forward pass
-    workers: Count = 2  # image decoding processes (0: in the stage's own); results do not depend on it
-    device: Device = "auto"  # auto (CUDA with autocast when present), cpu, cuda or cuda:N
 
     @field_validator("datasets")
     @classmethod
@@ -516,8 +503,6 @@ class Teacher(Section):
     grad_clip: PositiveFloat | None = 1.0
     val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05  # held-out slice of the training pairs
     seed: Count = 0
-    device: Device = "auto"  # auto (CUDA with AMP when present), cpu, cuda or cuda:N
-    scratch: PathStr = "data/teacher-scratch"  # per-epoch checkpoints a killed run resumes from
     out: PathStr = "models/teacher.pt"
     targets: PathStr = "data/teacher_targets.parquet"
 
@@ -556,11 +541,41 @@ class Distill(Section):
     warmup_steps: Count = 10
     grad_clip: PositiveFloat | None = 1.0
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 (or fp16) on CUDA, none on CPU
-    workers: PositiveInt = 2  # decoding threads; the result does not depend on it
     seed: Count = 0
-    device: Device = "auto"
-    scratch: PathStr = "data/distill-scratch"  # per-epoch checkpoints a killed run resumes from
     out: PathStr = "models/student.pt"
+
+
+class Export(Section):
+    """The student as a folder open_clip loads by itself (pipeline/export.py)."""
+
+    name: Annotated[str, Field(min_length=1)] = "dclip-student-demo"  # the model card's title
+    out: PathStr = "models/student-open_clip"
+
+
+# --- runtime: where and how fast the work runs, never what it computes --------------------------
+
+
+class InferenceBatches(Section):
+    """Inference batch sizes (forward passes without gradients: the rows come out the same)."""
+
+    detect: PositiveInt = 32  # images per YOLO forward pass
+    embed: PositiveInt = 64  # crops (and captions) per CLIP forward pass
+    evaluate: PositiveInt = 256  # images (and captions) per forward pass
+
+
+class Runtime(Section):
+    """Where and how fast the work runs. No stage lists this section in dvc.yaml: the outputs do
+    not depend on it (on another device, up to float rounding; docs/remote.md), so a change here
+    re-runs nothing, and a colleague on another machine pulls instead of recomputing. Training
+    batch sizes are not here: they change what is learnt (teacher.batch_size, distill.batch_size)."""
+
+    device: Device = "auto"  # auto: CUDA (with AMP where a stage uses it), else cpu; or cpu, cuda, cuda:N
+    workers: PositiveInt = 2  # decoding (world: painting) processes or threads per stage; 1: in its own
+    batch_size: InferenceBatches = InferenceBatches()
+    scratch: PathStr = "data/scratch"  # resumable parts of killed runs, one folder per stage under it
+
+
+SCRATCH_FOLDERS = ("detect", "embed", "teacher", "distill")  # the stages that resume, under runtime.scratch
 
 
 class Params(Section):
@@ -574,6 +589,8 @@ class Params(Section):
     evaluate: Evaluate = Evaluate()
     teacher: Teacher = Teacher()
     distill: Distill = Distill()
+    export: Export = Export()
+    runtime: Runtime = Runtime()
 
     @model_validator(mode="after")
     def _other_captions_need_them(self) -> Params:

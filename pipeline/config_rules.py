@@ -21,14 +21,12 @@ OUTPUTS = (
     ("detector", "checkpoint"),
     ("curate", "out"),
     ("detect", "out"),
-    ("detect", "scratch"),
     ("embed", "out"),
-    ("embed", "scratch"),
     ("teacher", "out"),
     ("teacher", "targets"),
-    ("teacher", "scratch"),
     ("distill", "out"),
-    ("distill", "scratch"),
+    ("export", "out"),
+    ("runtime", "scratch"),  # every resuming stage's parts, a folder each under it
 )
 # The demo world writes the raw sources: they are meant to lie inside world.out.
 WRITES_SOURCES = ("world", "out")

@@ -99,7 +99,7 @@ class SetEncoder:
 
     encoder: clip.Encoder
     batch_size: int
-    workers: int
+    workers: int  # decoding processes; 0 or 1: in this process (as pipeline.parallel's pools)
     progress: bool = True
 
     def images(
@@ -114,7 +114,7 @@ class SetEncoder:
         loader = DataLoader(
             dataset,
             batch_size=self.batch_size,
-            num_workers=self.workers,
+            num_workers=self.workers if self.workers > 1 else 0,
             pin_memory=self.encoder.device.type == "cuda",
         )
         out: torch.Tensor | None = None

@@ -74,6 +74,16 @@ def world(params: ParamsFile = Path("params.yaml")) -> None:
 
 
 @command(app)
+def export(params: ParamsFile = Path("params.yaml")) -> None:
+    """Stage `export`: the student as a folder open_clip loads by itself (open_clip_config.json,
+    open_clip_model.safetensors, a model card README.md) at export.out; load it with
+    `open_clip.create_model_and_transforms("local-dir:FOLDER")`."""
+    from stages import export as stage
+
+    stage.run(params)
+
+
+@command(app)
 def weights(params: ParamsFile = Path("params.yaml")) -> None:
     """Stage `weights`: the CLIP and detector weights that params name (a local file, an open_clip
     tag or ultralytics release, or none) as clip.checkpoint and detector.checkpoint."""

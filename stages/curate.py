@@ -47,7 +47,7 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
     start = time.perf_counter()
     cfg = params.curate
     step = settings(Settings, cfg, mix=cfg.mix.model_dump(), max_tokens=max_tokens)
-    metrics = curate(step, paths, root / cfg.out, count_tokens, cfg.workers, progress)
+    metrics = curate(step, paths, root / cfg.out, count_tokens, params.runtime.workers, progress)
     seconds = time.perf_counter() - start
     write_json(root / metrics_file, metrics)
     pairs = {s: metrics["train"][s]["kept_pairs"] for s in ("coco", "flickr30k", "cc")}

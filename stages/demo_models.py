@@ -66,13 +66,14 @@ def run(
     seed: int,
 ) -> None:
     # Only the world section: the other sections point at the weights this command makes.
-    cfg = load_params(params_file, only=("world",)).world
+    params = load_params(params_file, only=("world", "runtime"))
+    cfg, workers = params.world, params.runtime.workers
     draw = WorldDraw.of(cfg)
     start = time.perf_counter()
     if only in ("both", "clip"):
         split = work / "pretrain-web"
         wanted = pretrain_summary(cfg, train_images, val_images, single_object_fraction, "web")
-        _ensure_split(cfg, split, wanted, train_images, val_images, single_object_fraction, "web")
+        _ensure_split(cfg, split, wanted, train_images, val_images, single_object_fraction, "web", workers)
         data = {
             "split": "web-domain pretraining split (seed stream of its own; no pipeline split uses it)",
             "domain": "web: object-centric images, alt-text captions (pipeline/demo/world/scene.py)",
@@ -85,7 +86,7 @@ def run(
         _, preprocess, tokenizer = create(CLIP_MODEL, "none")
         held = ClipHeldOut.after_split(draw, train_images, val_images)
         encoder = Encoder(model, preprocess, tokenizer, torch.device("cpu"))
-        quality = quality_of.clip_quality(encoder, held, cfg.workers)
+        quality = quality_of.clip_quality(encoder, held, workers)
         save_checkpoint(model, CLIP_FILE)
         _card(
             CLIP_FILE,
@@ -106,14 +107,14 @@ def run(
         # The detector learns the curated domain itself, as a real YOLO is trained on COCO.
         yolo_split = work / "pretrain-yolo"
         wanted = pretrain_summary(cfg, yolo_images, YOLO_VAL_IMAGES, 0.0, "curated")
-        _ensure_split(cfg, yolo_split, wanted, yolo_images, YOLO_VAL_IMAGES, 0.0, "curated")
+        _ensure_split(cfg, yolo_split, wanted, yolo_images, YOLO_VAL_IMAGES, 0.0, "curated", workers)
         best, train = train_yolo(
             yolo_split / "data.yaml", work / "runs", "yolov8n.yaml", yolo_epochs, 160, 32, seed
         )
         WEIGHTS.mkdir(parents=True, exist_ok=True)
         shutil.copy(best, YOLO_FILE)
         detector_held = DetectorHeldOut.after_split(draw, train_images, val_images)
-        fresh = quality_of.detector_quality(YOLO_FILE, detector_held, cfg.workers)
+        fresh = quality_of.detector_quality(YOLO_FILE, detector_held, workers)
         _card(
             YOLO_FILE,
             {
@@ -137,11 +138,11 @@ def run(
 
 
 def _ensure_split(
-    cfg: World, folder: Path, wanted: dict, n_train: int, n_val: int, single: float, domain: str
+    cfg: World, folder: Path, wanted: dict, n_train: int, n_val: int, single: float, domain: str, workers: int
 ) -> None:
     """Generate the split unless the folder already holds exactly this one."""
     if not (folder / "split.json").exists() or json.loads((folder / "split.json").read_text()) != wanted:
-        generate_pretrain_split(cfg, folder, n_train, n_val, single, domain=domain)
+        generate_pretrain_split(cfg, folder, n_train, n_val, single, domain=domain, workers=workers)
 
 
 # --- dclip demo cards ----------------------------------------------------------------------------
@@ -154,7 +155,8 @@ def cards(params_file: Path, weights: Path = WEIGHTS, only: str = "both") -> dic
     cards named their images (`held_out`) is measured on the images its split implies, drawn
     with the params' world settings, which must have the card's world seed. Returns the new
     quality of each card, by file name."""
-    cfg = load_params(params_file, only=("world",)).world
+    params = load_params(params_file, only=("world", "runtime"))
+    cfg, workers = params.world, params.runtime.workers
     out = {}
     if only in ("both", "clip"):
         path = weights / CLIP_FILE.name
@@ -165,7 +167,7 @@ def cards(params_file: Path, weights: Path = WEIGHTS, only: str = "both") -> dic
             draw = _world_of_card(cfg, card, path)
             held = ClipHeldOut.after_split(draw, card["data"]["train_images"], card["data"]["val_images"])
         encoder = load_encoder(card["model"], str(path), "cpu")
-        quality = quality_of.clip_quality(encoder, held, cfg.workers)
+        quality = quality_of.clip_quality(encoder, held, workers)
         _write_card(
             path, _with_quality(card, "quality", quality, quality_of.METRICS, quality_of.as_dict(held))
         )
@@ -180,7 +182,7 @@ def cards(params_file: Path, weights: Path = WEIGHTS, only: str = "both") -> dic
             detector_held = DetectorHeldOut.after_split(
                 draw, card["data"]["train_images"], card["data"]["val_images"]
             )
-        fresh = quality_of.detector_quality(path, detector_held, cfg.workers)
+        fresh = quality_of.detector_quality(path, detector_held, workers)
         _write_card(
             path,
             _with_quality(

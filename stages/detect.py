@@ -19,19 +19,20 @@ METRICS = Path("metrics/detect.json")
 def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) -> dict:
     params = load_params(params_file)
     root = params_file.parent
-    cfg = params.detect
+    cfg, rt = params.detect, params.runtime
     train, manifest = root / params.curate.out / "train", root / params.curate.out / "train.parquet"
     checkpoint = root / params.detector.checkpoint
     require(params_file, [(train, "curate"), (manifest, "curate"), (checkpoint, "weights")])
     shards = verify_shards(train, manifest)  # a short or cut shard is named before any work
-    model = yolo.load(params.detector.model, str(checkpoint), cfg.imgsz, cfg.device)
+    model = yolo.load(params.detector.model, str(checkpoint), cfg.imgsz, rt.device)
     try:
         classes = model.class_ids(cfg.classes)
     except ValueError as err:
         raise ParamsError(f"{params_file}: detect.classes: {err}") from None
-    step = settings(Settings, cfg, classes=tuple(classes) if classes is not None else None)
+    kept = tuple(classes) if classes is not None else None
+    step = settings(Settings, cfg, classes=kept, batch_size=rt.batch_size.detect)
     start = time.perf_counter()
-    metrics = detect(shards, root / cfg.out, root / cfg.scratch, model, step, cfg.workers, progress)
+    metrics = detect(shards, root / cfg.out, root / rt.scratch / "detect", model, step, rt.workers, progress)
     seconds = time.perf_counter() - start
     write_json(root / metrics_file, metrics)
     summary = {k: metrics[k] for k in ("images", "regions", "rejects")}

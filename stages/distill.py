@@ -21,9 +21,9 @@ LIVE_DIR = Path("metrics/distill")
 
 
 def run(params_file: Path, progress: bool = True) -> dict:
-    params = load_params(params_file, only=("clip", "curate", "embed", "teacher", "distill"))
+    params = load_params(params_file, only=("clip", "curate", "embed", "teacher", "distill", "runtime"))
     root = params_file.parent
-    cfg = params.distill
+    cfg, rt = params.distill, params.runtime
     train, manifest = root / params.curate.out / "train", root / params.curate.out / "train.parquet"
     embeddings, targets_file = root / params.embed.out, root / params.teacher.targets
     weights_path = root / params.clip.checkpoint
@@ -38,10 +38,7 @@ def run(params_file: Path, progress: bool = True) -> dict:
         ],
     )
     shards = verify_shards(train, manifest)  # a short or cut shard is named before any work
-    try:
-        device = pick_device(cfg.device)
-    except ValueError as err:
-        raise ParamsError(f"{params_file}: distill.device: {err}") from None
+    device = pick_device(rt.device)
     model, preprocess, _ = create(params.clip.model, str(weights_path), device)
     model.float()
     try:
@@ -57,9 +54,10 @@ def run(params_file: Path, progress: bool = True) -> dict:
     if cfg.lambda_anchor > 0:
         inputs.append(embeddings / "images.parquet")
     key = distill.run_key(params.clip.model, str(weights_path), step, opt, inputs, device)
+    scratch = root / rt.scratch / "distill"
     start = time.perf_counter()
     model, trainer, text_hash = distill.train_student(
-        model, step, opt, shards, targets, preprocess, root / cfg.scratch / key, device, cfg.workers, progress
+        model, step, opt, shards, targets, preprocess, scratch / key, device, rt.workers, progress
     )
     seconds = time.perf_counter() - start
     save_checkpoint(model.cpu(), root / cfg.out)
@@ -78,6 +76,6 @@ def run(params_file: Path, progress: bool = True) -> dict:
     }
     write_json(root / METRICS, metrics, sort_keys=True)
     log_live(root / LIVE_DIR, trainer.steps)
-    prune_runs(root / cfg.scratch, keep=key)
+    prune_runs(scratch, keep=key)
     print(json.dumps({k: v for k, v in metrics.items() if k != "epochs"}))
     return metrics

@@ -18,25 +18,25 @@ METRICS = Path("metrics/embed.json")
 def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) -> dict:
     params = load_params(params_file)
     root = params_file.parent
-    cfg = params.embed
+    cfg, rt = params.embed, params.runtime
     curated = root / params.curate.out
     train, manifest, regions = curated / "train", curated / "train.parquet", root / params.detect.out
     checkpoint = root / params.clip.checkpoint
     require(
         params_file, [(train, "curate"), (manifest, "curate"), (regions, "detect"), (checkpoint, "weights")]
     )
-    encoder = load_encoder(params.clip.model, str(checkpoint), cfg.device)
-    step = settings(Settings, cfg)
+    encoder = load_encoder(params.clip.model, str(checkpoint), rt.device)
+    step = settings(Settings, cfg, batch_size=rt.batch_size.embed)
     start = time.perf_counter()
     metrics = embed(
         verify_shards(train, manifest),  # a short or cut shard is named before any work
         manifest,
         regions,
         root / cfg.out,
-        root / cfg.scratch,
+        root / rt.scratch / "embed",
         encoder,
         step,
-        cfg.workers,
+        rt.workers,
         progress,
     )
     seconds = time.perf_counter() - start

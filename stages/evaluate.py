@@ -56,13 +56,12 @@ def run(
     except ValidationError as err:
         message = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
         raise ParamsError(f"weights of model {model!r}: {message}") from None
-    try:
-        device = pick_device(cfg.device)
-    except ValueError as err:
-        raise ParamsError(f"{params_file}: evaluate.device: {err}") from None
+    rt = params.runtime
+    device = pick_device(rt.device)
     resolved = str(root / weights) if looks_like_path(weights) else weights
     net, preprocess, tokenizer = create(params.clip.model, resolved, device)
-    encoder = SetEncoder(Encoder(net, preprocess, tokenizer, device), cfg.batch_size, cfg.workers, progress)
+    clip = Encoder(net, preprocess, tokenizer, device)
+    encoder = SetEncoder(clip, rt.batch_size.evaluate, rt.workers, progress)
     start = time.perf_counter()
     result = evaluate(encoder, root / params.curate.out, cfg.datasets, cfg.prompts)
     seconds = time.perf_counter() - start

@@ -27,7 +27,7 @@ LIVE_DIR = Path("metrics/teacher")
 
 
 def run(params_file: Path, progress: bool = True) -> dict:
-    params = load_params(params_file, only=("teacher", "embed"))
+    params = load_params(params_file, only=("teacher", "embed", "runtime"))
     root = params_file.parent
     cfg = params.teacher
     folder, captions = root / params.embed.out / "teacher", root / params.embed.out / "captions.parquet"
@@ -41,10 +41,7 @@ def run(params_file: Path, progress: bool = True) -> dict:
         raise ParamsError(
             f"{params_file}: teacher.heads: {cfg.heads} does not divide the embedding width {dim}"
         )
-    try:
-        device = pick_device(cfg.device)
-    except ValueError as err:
-        raise ParamsError(f"{params_file}: teacher.device: {err}") from None
+    device = pick_device(params.runtime.device)
     model_cfg = settings(
         TeacherConfig, cfg, dim=dim, inputs="regions" if cfg.target == "regions" else "regions_and_caption"
     )
@@ -54,7 +51,8 @@ def run(params_file: Path, progress: bool = True) -> dict:
     prior = model_cfg.inputs == "regions"
     data = teacher_pairs.Data(shards, cfg.batch_size, cfg.val_fraction, cfg.seed, prior=prior)
     key = teach.run_key(model_cfg, step, opt, data, device)
-    checkpoints = root / cfg.scratch / key
+    scratch = root / params.runtime.scratch / "teacher"
+    checkpoints = scratch / key
     start = time.perf_counter()
     model, history, slice_size = teach.train_teacher(
         model_cfg,
@@ -84,7 +82,7 @@ def run(params_file: Path, progress: bool = True) -> dict:
     write_json(root / METRICS, metrics, sort_keys=True)
     # Curves only: the validation slice's sizes are constants, in metrics/teacher.json.
     log_live(root / LIVE_DIR, history, skip=("step", "epoch", "val_images", "val_captions"))
-    prune_runs(root / cfg.scratch, keep=key)
+    prune_runs(scratch, keep=key)
     print(json.dumps({"targets": n, "pairs_without_target": without, "chosen": metrics["chosen"]}))
     return metrics
 

@@ -14,5 +14,5 @@ def run(params_file: Path) -> None:
     params = load_params(params_file)
     out = params_file.parent / params.world.out
     start = time.perf_counter()
-    summary = generate_world(params.world, out)
+    summary = generate_world(params.world, out, params.runtime.workers)
     print(json.dumps({"seconds": round(time.perf_counter() - start, 1), **summary["coco"]}))

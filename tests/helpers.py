@@ -30,7 +30,6 @@ TINY_WORLD = {
     },
     "probe": {"images": 30, "per_category": 4},
     "planted_duplicates": 2,
-    "workers": 2,
 }
 
 

@@ -288,7 +288,7 @@ def test_no_teacher_runs_as_a_dvc_experiment_and_reports(reproduced):
     try:
         out = sh(["dclip", "ablations", "run", "no_teacher", "--seeds", "1"], root)
         # Only what λ_cos (and the seed, the workspace's own) feeds re-ran: distill onwards.
-        for stage in ("distill", "evaluate@student", "report"):
+        for stage in ("distill", "evaluate@student", "report", "export"):
             assert f"Running stage '{stage}'" in out, out
         for stage in ("curate", "detect", "embed", "train_teacher", "evaluate@base"):
             assert f"Running stage '{stage}'" not in out, out

@@ -81,7 +81,9 @@ def test_empty_file_takes_every_default(tmp_path):
         (("curate", "caption", "max_tokens"), 2, "curate.caption.max_tokens: Input should be greater than or equal to 3 (value 2)"),
         (("curate", "jpeg_quality"), 101, "curate.jpeg_quality: Input should be less than or equal to 100 (value 101)"),
         (("curate", "image_size"), 0, "curate.image_size: Input should be greater than 0 (value 0)"),
-        (("curate", "workers"), 0, "curate.workers: Input should be greater than 0 (value 0)"),
+        (("runtime", "workers"), 0, "runtime.workers: Input should be greater than 0 (value 0)"),
+        (("curate", "workers"), 2, "curate.workers: unknown key (value 2)"),  # a runtime key now
+        (("runtime", "batch_size", "embed"), 0, "runtime.batch_size.embed: Input should be greater than 0 (value 0)"),
         (("curate", "out"), " ", "curate.out: must be a non-empty path (value ' ')"),
         (("sources", "karpathy", "folder"), "", "sources.karpathy.folder: must be a non-empty path (value '')"),
         (("sources", "karpathy", "coco_test"), "x/coco_test_karpathy.json", "sources.karpathy.coco_test: must be a file name inside sources.karpathy.folder, without a folder (value 'x/coco_test_karpathy.json')"),
@@ -90,7 +92,7 @@ def test_empty_file_takes_every_default(tmp_path):
         (("teacher", "attention"), "both", "teacher.attention: Input should be 'bidirectional', 'text_to_regions', 'regions_to_text' or 'none' (value 'both')"),
         (("teacher", "aggregation_clusters"), 2, "teacher.aggregation_clusters: Input should be 1 or 3 (value 2)"),
         (("teacher", "batch_size"), 1, "teacher.batch_size: Input should be greater than or equal to 2 (value 1)"),
-        (("teacher", "device"), "gpu", "teacher.device: must be auto, cpu, cuda or cuda:N (value 'gpu')"),
+        (("runtime", "device"), "gpu", "runtime.device: must be auto, cpu, cuda or cuda:N (value 'gpu')"),
         (("sources", "cifar10", "folder"), 10, "sources.cifar10.folder: Input should be a valid string (value 10)"),
     ],
 )  # fmt: skip
@@ -250,15 +252,18 @@ def test_settings_come_from_the_section_and_fail_loudly_on_a_missing_or_unknown_
     from pipeline.config import Params, settings
 
     section = Params().detect
-    got = settings(detect.Settings, section, classes=(0, 2))
+    got = settings(detect.Settings, section, classes=(0, 2), batch_size=Params().runtime.batch_size.detect)
     assert got == detect.Settings(
         conf=section.conf,
         iou=section.iou,
         classes=(0, 2),
         max_regions=8,
         min_area_fraction=0.002,
-        batch_size=section.batch_size,
+        batch_size=32,
     )
+    # A field the section does not hold (the batch size is a runtime key) must be given.
+    with pytest.raises(TypeError, match=r"Settings: no params key Detect.batch_size for its field"):
+        settings(detect.Settings, section, classes=None)
     # A section without one of the fields (here: embed has no conf) is refused, not defaulted.
     with pytest.raises(TypeError, match=r"Settings: no params key Embed.conf for its field"):
         settings(detect.Settings, Params().embed)
@@ -301,8 +306,8 @@ def test_the_teacher_architecture_s_defaults_are_the_params_defaults():
             "curate.out: data/curated and detect.out: data/curated overlap; give each stage output its own path",
         ),
         (
-            {"embed.scratch": "data/curated/tmp"},
-            "curate.out: data/curated and embed.scratch: data/curated/tmp overlap",
+            {"runtime.scratch": "data/curated/tmp"},
+            "curate.out: data/curated and runtime.scratch: data/curated/tmp overlap",
         ),
         (
             {"distill.out": "demo/raw/coco/student.pt"},
@@ -339,7 +344,7 @@ def test_a_rule_across_sections_prints_each_problem_once_without_the_whole_file(
 
 def test_the_cli_check_refuses_a_combination_with_exit_2(tmp_path):
     raw = default_raw()
-    raw["detect"]["scratch"] = raw["embed"]["scratch"]
+    raw["runtime"]["scratch"] = raw["embed"]["out"]
     for section in ("clip", "detector"):  # weights files relative to the repository
         for key in ("pretrained", "weights"):
             if key in raw[section]:
@@ -348,7 +353,7 @@ def test_the_cli_check_refuses_a_combination_with_exit_2(tmp_path):
     bad.write_text(yaml.safe_dump(raw))
     result = CliRunner().invoke(app, ["params", "check", str(bad)])
     assert result.exit_code == 2
-    assert "detect.scratch: data/embed-scratch and embed.scratch: data/embed-scratch overlap" in result.output
+    assert "embed.out: data/embeddings and runtime.scratch: data/embeddings overlap" in result.output
 
 
 # --- YAML numbers as DVC writes them ----------------------------------------------------------------

@@ -94,8 +94,7 @@ def test_paper_recipe_settings(name):
         "sugarcrepe",
     ]
     assert p.teacher.target == "paper" and p.teacher.use_epoch == 3
-    devices = {p.detect.device, p.embed.device, p.teacher.device, p.distill.device, p.evaluate.device}
-    assert devices == {"auto"} and p.distill.amp == "auto"
+    assert p.runtime.device == "auto" and p.distill.amp == "auto"
     # OpenAI's weights need QuickGELU; the plain config is refused by validation.
     assert open_clip.get_model_config(model)["quick_gelu"] is True
 
@@ -254,6 +253,7 @@ def test_on_a_paper_recipe_the_demo_world_is_off_the_study_s_dag(tmp_path):
         "evaluate@base",
         "evaluate@student",
         "report",
+        "export",
     }
     # The demo params: the world feeds curate.
     nodes, pairs = edges()

@@ -52,10 +52,18 @@ def paths_for(world: Path) -> SourcePaths:
     )
 
 
-def run_curate(cfg: Curate, paths: SourcePaths, out: Path, count, max_tokens: int, progress: bool = False):
+def run_curate(
+    cfg: Curate,
+    paths: SourcePaths,
+    out: Path,
+    count,
+    max_tokens: int,
+    progress: bool = False,
+    workers: int = 1,
+):
     """The library's curate with the settings its stage builds from a `curate` section."""
     step = build_settings(Settings, cfg, mix=cfg.mix.model_dump(), max_tokens=max_tokens)
-    return curate(step, paths, out, count, cfg.workers, progress)
+    return curate(step, paths, out, count, workers, progress)
 
 
 def settings(coco: int, flickr30k: int, cc: int, **kw) -> Curate:
@@ -64,7 +72,6 @@ def settings(coco: int, flickr30k: int, cc: int, **kw) -> Curate:
         "mix": {"coco": coco, "flickr30k": flickr30k, "cc": cc},
         "captions_per_image": 1,
         "shard_size": 8,
-        "workers": 1,
         **kw,
     }
     return Curate.model_validate(raw)
@@ -76,9 +83,9 @@ def tokens():
     return clip_token_counter("DCLIP-Demo-RN64")
 
 
-def run(world: Path, out: Path, cfg: Curate, tokens, max_tokens: int | None = None) -> dict:
+def run(world: Path, out: Path, cfg: Curate, tokens, max_tokens: int | None = None, workers: int = 1) -> dict:
     count, context = tokens
-    return run_curate(cfg, paths_for(world), out, count, max_tokens or context, progress=False)
+    return run_curate(cfg, paths_for(world), out, count, max_tokens or context, workers=workers)
 
 
 def rejects(out: Path) -> list[dict]:
@@ -104,7 +111,7 @@ def tree(root: Path) -> dict[str, bytes]:
 def everything(tiny_world, tmp_path_factory, tokens):
     """Mix larger than every source: each candidate is tried, so each planted overlap is met."""
     out = tmp_path_factory.mktemp("curate") / "curated"
-    metrics = run(tiny_world, out, settings(1000, 1000, 1000, workers=2), tokens)
+    metrics = run(tiny_world, out, settings(1000, 1000, 1000), tokens, workers=2)
     return out, metrics
 
 
@@ -235,8 +242,8 @@ def test_outputs_are_consistent_webdataset_and_parquet(tiny_world, everything):
 
 
 def test_exact_counts_and_byte_identical_outputs_whatever_the_workers(tiny_world, tmp_path, tokens):
-    a = run(tiny_world, tmp_path / "a", settings(7, 4, 5, workers=1), tokens)
-    b = run(tiny_world, tmp_path / "b", settings(7, 4, 5, workers=2), tokens)
+    a = run(tiny_world, tmp_path / "a", settings(7, 4, 5), tokens, workers=1)
+    b = run(tiny_world, tmp_path / "b", settings(7, 4, 5), tokens, workers=2)
     assert a == b
     assert {s: a["train"][s]["kept_pairs"] for s in ("coco", "flickr30k", "cc")} == {
         "coco": 7,
@@ -371,7 +378,7 @@ def bad_out(bad_world, tmp_path_factory, tokens):
     world, _, _ = bad_world
     out = tmp_path_factory.mktemp("bad-out") / "curated"
     metrics = run(
-        world, out, settings(1000, 0, 0, workers=2, captions_per_image="all"), tokens, max_tokens=32
+        world, out, settings(1000, 0, 0, captions_per_image="all"), tokens, max_tokens=32, workers=2
     )
     return out, metrics
 

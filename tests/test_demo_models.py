@@ -206,7 +206,7 @@ def test_colour_groups_and_hard_negative_batches():
 
 # --- training and cards on tiny inputs ------------------------------------------------------------
 
-TINY = World(seed=3, image_size=(64, 80), workers=1)
+TINY = World(seed=3, image_size=(64, 80))
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +235,7 @@ def test_held_out_val_images_are_the_splits_own(tiny_split):
 
 def _params(tmp_path, seed: int = 0):
     path = tmp_path / "params.yaml"
-    path.write_text(f"world:\n  seed: {seed}\n  workers: 1\n")
+    path.write_text(f"world:\n  seed: {seed}\nruntime:\n  workers: 1\n")
     return path
 
 

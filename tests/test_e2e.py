@@ -90,6 +90,22 @@ def test_repro_runs_every_stage_then_nothing(reproduced):
     report = (repo / "metrics" / "report.md").read_text()
     assert "Δ student" in report and "## Compositional probe" in report
 
+    # export after the student's evaluation: the student as an open_clip folder, the project's
+    # model artifact (its path interpolated from params).
+    assert first.index("Running stage 'evaluate@student'") < first.index("Running stage 'export'")
+    exported = repo / "models" / "student-open_clip"
+    assert {p.name for p in exported.iterdir()} == {
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+        "README.md",
+    }
+    assert "| coco text→image R@1 |" in (exported / "README.md").read_text()
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        artifact = dvc_repo.artifacts.read()["dvc.yaml"]["dclip-student"]
+    assert (artifact.path, artifact.type) == ("models/student-open_clip", "model")
+
     # `dvc plots show`: the teacher's and the student's training curves and the recall@k curves.
     plots = json.loads(sh(["dvc", "plots", "show", "--json"], repo))["data"]
     assert {

@@ -484,8 +484,7 @@ def test_a_stale_regions_table_is_an_error_that_says_so(dataset, demo_encoder, t
         ({"weights": "max"}, "embed.weights: Input should be 'product', 'conf', 'area', 'sim' or 'uniform'"),
         ({"max_regions": 0}, "embed.max_regions: Input should be greater than 0"),
         ({"context_margin": 1.5}, "embed.context_margin: Input should be less than or equal to 1"),
-        ({"device": "gpu"}, "embed.device: must be auto, cpu, cuda or cuda:N"),
-        ({"batch_size": "64"}, "embed.batch_size: Input should be a valid integer"),
+        ({"batch_size": 64}, "embed.batch_size: unknown key"),  # runtime.batch_size.embed
         ({"shards": 3}, "embed.shards: unknown key"),
     ],
 )
@@ -510,7 +509,10 @@ def test_stage_writes_embeddings_and_metrics(dataset, tmp_path):
     raw["detector"]["weights"] = "none"
     raw["curate"]["out"] = str(manifest.parent)
     raw["detect"]["out"] = str(regions_table)
-    raw["embed"].update(device="cpu", batch_size=4, scratch=str(tmp_path / "s"), out=str(tmp_path / "e"))
+    raw["embed"]["out"] = str(tmp_path / "e")
+    raw["runtime"].update(
+        device="cpu", batch_size={"detect": 32, "embed": 4, "evaluate": 256}, scratch=str(tmp_path / "s")
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     metrics = stage.run(tmp_path / "params.yaml", tmp_path / "m.json", progress=False)
     assert json.loads((tmp_path / "m.json").read_text()) == metrics and metrics["pairs"] == 5

@@ -48,8 +48,8 @@ def project(tiny_world, tmp_path_factory) -> Path:
     (root / "demo" / "raw").symlink_to(tiny_world)
     (root / "demo" / "weights").symlink_to(REPO / "demo" / "weights")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["curate"].update(mix={"coco": 6, "flickr30k": 4, "cc": 4}, shard_size=8, workers=1)
-    params["evaluate"].update(batch_size=16, workers=0)
+    params["curate"].update(mix={"coco": 6, "flickr30k": 4, "cc": 4}, shard_size=8)
+    params["runtime"].update(workers=1, batch_size={"detect": 32, "embed": 64, "evaluate": 16})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     curate_stage.run(root / "params.yaml", progress=False)
     weights_stage.run(root / "params.yaml")  # data/weights/clip.pt, the base model evaluate loads
@@ -351,7 +351,7 @@ def test_report_needs_the_metrics(tmp_path):
 
 def test_default_evaluate_params():
     cfg = parse_params(yaml.safe_load((REPO / "params.yaml").read_text()), base_dir=REPO).evaluate
-    assert cfg.datasets == ALL_SETS and cfg.prompts == "single" and cfg.device == "auto"
+    assert cfg.datasets == ALL_SETS and cfg.prompts == "single"
 
 
 @pytest.mark.parametrize(
@@ -362,9 +362,7 @@ def test_default_evaluate_params():
         ({"datasets": ["mnist"]}, "evaluate.datasets.0: Input should be 'coco_val', 'flickr30k_val', 'coco'"),
         ({"datasets": "coco"}, "evaluate.datasets: Input should be a valid list (value 'coco')"),
         ({"prompts": "all"}, "evaluate.prompts: Input should be 'single' or 'openai' (value 'all')"),
-        ({"batch_size": 0}, "evaluate.batch_size: Input should be greater than 0 (value 0)"),
-        ({"workers": "2"}, "evaluate.workers: Input should be a valid integer (value '2')"),
-        ({"device": "gpu"}, "evaluate.device: must be auto, cpu, cuda or cuda:N (value 'gpu')"),
+        ({"workers": 2}, "evaluate.workers: unknown key (value 2)"),  # runtime.workers
         ({"prompt": "single"}, "evaluate.prompt: unknown key (value 'single')"),
     ],
 )

@@ -21,13 +21,14 @@ from pipeline.config import load_params
 
 from .helpers import sample_starts
 
-# What each stage makes (params keys of its outputs) and where it keeps resumable work.
+# What each stage makes (params keys of its outputs) and its folder of resumable work under
+# runtime.scratch.
 STAGES = {
     "curate": (["curate.out"], None),
-    "detect": (["detect.out"], "detect.scratch"),
-    "embed": (["embed.out"], "embed.scratch"),
-    "train-teacher": (["teacher.out", "teacher.targets"], "teacher.scratch"),
-    "distill": (["distill.out"], "distill.scratch"),
+    "detect": (["detect.out"], "detect"),
+    "embed": (["embed.out"], "embed"),
+    "train-teacher": (["teacher.out", "teacher.targets"], "teacher"),
+    "distill": (["distill.out"], "distill"),
 }
 KILLS_PER_STAGE = 2
 WATCHED = ("data", "models")  # where a stage's first write shows that its work has begun
@@ -38,6 +39,10 @@ def _value(params, dotted: str) -> str:
     for key in dotted.split("."):
         node = getattr(node, key)
     return str(node)
+
+
+def _scratch(params, folder: str) -> str:
+    return f"{params.runtime.scratch}/{folder}"
 
 
 def digest_tree(root: Path, rel: str) -> dict[str, str]:
@@ -108,7 +113,7 @@ def test_a_stage_killed_at_random_points_resumes_to_the_same_bytes(project, stag
     assert reference, f"{stage}: the reproduced project has no outputs"
 
     def clean() -> None:
-        for rel in paths + ([_value(params, scratch)] if scratch else []):
+        for rel in paths + ([_scratch(params, scratch)] if scratch else []):
             target = project / rel
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
@@ -145,7 +150,7 @@ def test_a_shard_cut_short_stops_each_reader_with_one_line(project, tmp_path, st
     end = starts[-2] if cut == "boundary" else starts[-2] + 600
     shard.write_bytes(shard.read_bytes()[:end])
     outs, scratch = STAGES[stage]
-    for rel in [_value(params, k) for k in outs] + [_value(params, scratch)]:
+    for rel in [_value(params, k) for k in outs] + [_scratch(params, scratch)]:
         target = root / rel
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

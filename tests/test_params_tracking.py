@@ -58,7 +58,7 @@ def listed_params() -> dict[str, set[str]]:
 
 def stage_calls(root: Path) -> dict[str, tuple]:
     """Stage → (module, how to call its run) for every stage that reads params."""
-    from stages import curate, detect, distill, embed, evaluate, train_teacher, weights, world
+    from stages import curate, detect, distill, embed, evaluate, export, train_teacher, weights, world
 
     p = root / "params.yaml"
     quiet = {"progress": False}
@@ -72,6 +72,7 @@ def stage_calls(root: Path) -> dict[str, tuple]:
         "distill": (distill, lambda m: m.run(p, **quiet)),
         # Both foreach entries run the same code with a --weights given on the command line.
         "evaluate": (evaluate, lambda m: m.run(p, "student", "models/student.pt", **quiet)),
+        "export": (export, lambda m: m.run(p)),
     }
 
 
@@ -103,12 +104,12 @@ def ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-DOWNSTREAM_OF_TEACHER = {"train_teacher", "distill", "evaluate@student", "report"}
+DOWNSTREAM_OF_TEACHER = {"train_teacher", "distill", "evaluate@student", "report", "export"}
 # A key of each stage → the stages a change to it re-runs: the stage, then every descendant whose
 # inputs the change alters; nothing upstream.
 RERUNS = {
-    ("evaluate", "prompts", "openai"): {"evaluate@base", "evaluate@student", "report"},
-    ("distill", "lambda_cos", 0.5): {"distill", "evaluate@student", "report"},
+    ("evaluate", "prompts", "openai"): {"evaluate@base", "evaluate@student", "report", "export"},
+    ("distill", "lambda_cos", 0.5): {"distill", "evaluate@student", "report", "export"},
     ("teacher", "use_epoch", 2): DOWNSTREAM_OF_TEACHER,
     ("embed", "weights", "uniform"): {"embed"} | DOWNSTREAM_OF_TEACHER,
     ("detect", "max_regions", 1): {"detect", "embed"} | DOWNSTREAM_OF_TEACHER,
@@ -135,12 +136,37 @@ def test_a_params_edit_reruns_that_stage_and_its_descendants_only(reproduced, se
 def test_an_edit_that_cannot_change_an_output_reruns_that_stage_alone(reproduced):
     repo = reproduced.root
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    # Where a killed run's parts wait: detect runs again from nothing, to the same bytes.
-    params["detect"]["scratch"] = "data/detect-scratch-elsewhere"
+    # Every class of the demo detector named, against null (every class): detect runs again to the
+    # same bytes and embed is skipped.
+    from pipeline.demo.world.scene import SHAPES
+
+    params["detect"]["classes"] = list(SHAPES)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         out = sh(["dvc", "repro"], repo)
         assert ran(out) == {"detect"}
         assert "Stage 'embed' didn't change, skipping" in out
+    finally:
+        restore(repo)
+
+
+def test_runtime_keys_are_listed_by_no_stage_and_re_run_nothing(reproduced):
+    """Where and how fast the work runs is not a param: a colleague on another machine (more
+    workers, a GPU, other batch sizes, another scratch disk) finds every stage up to date and pulls
+    instead of recomputing."""
+    assert not any(k.split(".")[0] == "runtime" for keys in listed_params().values() for k in keys)
+    repo = reproduced.root
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["runtime"] = {
+        "device": "cpu",
+        "workers": 7,
+        "batch_size": {"detect": 3, "embed": 5, "evaluate": 11},
+        "scratch": "data/scratch-elsewhere",
+    }
+    assert params["runtime"] != yaml.safe_load((repo / "params.yaml").read_text())["runtime"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert "Data and pipelines are up to date." in sh(["dvc", "status"], repo)
+        assert ran(sh(["dvc", "repro"], repo)) == set()
     finally:
         restore(repo)

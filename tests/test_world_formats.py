@@ -317,7 +317,7 @@ def test_ground_truth_boxes_lie_in_their_images(tiny_world):
 
 
 def test_same_seed_gives_byte_identical_world_whatever_the_worker_count(tiny_world, tiny_world_cfg, tmp_path):
-    again = generate_world(tiny_world_cfg.model_copy(update={"workers": 1}), tmp_path / "raw", progress=False)
+    again = generate_world(tiny_world_cfg, tmp_path / "raw", workers=1, progress=False)
     assert again == load(tiny_world / "world.json")
     assert tree_digest(tmp_path / "raw") == tree_digest(tiny_world)
     other = generate_world(tiny_world_cfg.model_copy(update={"seed": 8}), tmp_path / "other", progress=False)

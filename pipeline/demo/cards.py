@@ -66,10 +66,8 @@ class WorldDraw:
     def of(cls, cfg: World) -> WorldDraw:
         return cls(cfg.seed, (int(cfg.image_size[0]), int(cfg.image_size[1])), cfg.max_objects)
 
-    def world(self, workers: int) -> World:
-        return World(
-            seed=self.seed, image_size=self.image_size, max_objects=self.max_objects, workers=workers
-        )
+    def world(self) -> World:
+        return World(seed=self.seed, image_size=self.image_size, max_objects=self.max_objects)
 
 
 @dataclass(frozen=True)
@@ -142,7 +140,7 @@ def as_dict(held: ClipHeldOut | DetectorHeldOut) -> dict:
 
 
 def paint(world: WorldDraw, jobs: list[Job], workers: int = 1) -> list[Sample]:
-    with Painter(world.world(workers), progress=False) as painter:
+    with Painter(world.world(), workers, progress=False) as painter:
         return list(painter.paint(jobs, "held-out"))
 
 

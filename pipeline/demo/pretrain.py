@@ -51,6 +51,7 @@ def generate_pretrain_split(
     single_object_fraction: float = 0.0,
     progress: bool = True,
     domain: str = "web",
+    workers: int = 1,
 ) -> dict:
     """Captioned images with YOLO labels, from a seed stream no pipeline split uses.
 
@@ -70,7 +71,7 @@ def generate_pretrain_split(
     if tmp.exists():
         shutil.rmtree(tmp)
     lines = []
-    with Painter(cfg, progress) as painter:
+    with Painter(cfg, workers, progress) as painter:
         for split in SPLITS:
             start = 0 if split == "train" else n_train
             (tmp / "images" / split).mkdir(parents=True)

@@ -46,7 +46,7 @@ from pipeline.demo.world.paint import (
 from pipeline.demo.world.scene import COLOURS, SHAPES
 
 
-def generate_world(cfg: World, out: Path | str, progress: bool = True) -> dict:
+def generate_world(cfg: World, out: Path | str, workers: int = 1, progress: bool = True) -> dict:
     """Write the whole demo world to `out` atomically; returns the summary also in world.json."""
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
@@ -54,7 +54,7 @@ def generate_world(cfg: World, out: Path | str, progress: bool = True) -> dict:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     truth = GroundTruth()
-    with Painter(cfg, progress) as painter:
+    with Painter(cfg, workers, progress) as painter:
         coco = _write_coco(cfg, tmp, painter, truth)
         flickr = _write_flickr(cfg, tmp, painter, truth, coco["test_keys"])
         cc = _write_cc(cfg, tmp, painter, truth, flickr["test_keys"])

@@ -109,14 +109,14 @@ class Painter:
     CHUNK = 16  # jobs sent to a worker at a time
     WINDOW_PER_WORKER = 4  # chunks in flight per worker
 
-    def __init__(self, cfg: World, progress: bool = True):
+    def __init__(self, cfg: World, workers: int = 1, progress: bool = True):
         self._fn = functools.partial(
             make_sample,
             seed=cfg.seed,
             image_size=(cfg.image_size[0], cfg.image_size[1]),
             max_objects=cfg.max_objects,
         )
-        self._workers = cfg.workers
+        self._workers = workers
         self._progress = progress
         self._stack = ExitStack()
         self._executor: Executor | None = None
