@@ -214,6 +214,49 @@ def planned(names: list[str] | None, seeds: int, root: Path) -> list[tuple[str, 
     ]
 
 
+def untracked_inputs(root: Path) -> list[tuple[str, Path]]:
+    """(params key, path) of each raw input the params name that `dvc exp run --temp` would not
+    find: it runs in a copy of the repository that holds what git tracks and what DVC checks out
+    (a `dvc add`ed or imported folder, a stage's output such as the demo world), nothing else. An
+    input that does not exist is left to `dclip params check`."""
+    from dvc.repo import Repo
+
+    from pipeline.config import load_params
+    from pipeline.curate import SourcePaths
+
+    sources = load_params(root / PARAMS, only=("sources",)).sources
+    present = [(k, p) for k, p in SourcePaths.resolve(sources, root).named() if p.exists()]
+    with Repo(str(root)) as repo:
+        outs = [Path(str(out.fs_path)).resolve() for out in repo.index.outs]
+    untracked = []
+    for key, path in present:
+        real = path.resolve()
+        if any(real == out or out in real.parents for out in outs):
+            continue
+        listed = subprocess.run(
+            ["git", "ls-files", "--", str(real)], cwd=root, capture_output=True, text=True, check=False
+        )
+        if not listed.stdout.strip():
+            untracked.append((key, path))
+    return untracked
+
+
+def check_tracked(root: Path) -> None:
+    """Refuse, before any experiment starts, raw inputs an experiment's copy would lack."""
+    untracked = untracked_inputs(root)
+    if not untracked:
+        return
+    lines = "\n".join(f"  {key}: {path}" for key, path in untracked)
+    folders = " ".join(sorted({shlex.quote(os.path.relpath(path, root)) for _, path in untracked}))
+    raise AblationError(
+        f"{len(untracked)} raw input(s) are neither DVC-tracked nor in git, and `dvc exp run --temp` "
+        f"runs in a copy of the repository that holds only tracked files:\n{lines}\n"
+        f"Track them once (`dvc add {folders}`, or `dvc import-url URL PATH` where the team keeps "
+        "the data), commit the .dvc files, and let experiments link the data instead of copying "
+        "it: `dvc config cache.type reflink,hardlink,symlink` (docs/real-data.md)."
+    )
+
+
 def run(
     names: list[str] | None = None,
     seeds: int = 1,
@@ -232,6 +275,7 @@ def run(
         for name, seed in chosen:
             typer.echo(shlex.join(exp_run_command(name, seed)))
         return []
+    check_tracked(root)
     _, _, _, refs = collect(root)
     done: list[str] = []
     failed: list[str] = []

@@ -27,7 +27,14 @@ from pipeline.ablations import (
 )
 from pipeline.config import parse_params
 from pipeline.evaluate import QUERY_SCHEMA
-from stages.ablations import exp_run_command, experiments, hydra_value, set_param_args, workspace_seed
+from stages.ablations import (
+    AblationError,
+    exp_run_command,
+    experiments,
+    hydra_value,
+    set_param_args,
+    workspace_seed,
+)
 
 from .helpers import REPO, sh
 
@@ -347,3 +354,42 @@ def test_no_teacher_runs_as_a_dvc_experiment_and_reports(reproduced):
     # The workspace was never touched.
     assert "Data and pipelines are up to date" in sh(["dvc", "status"], root)
     assert sh(["git", "status", "--porcelain"], root) == git_before
+
+
+# --- raw inputs an experiment's copy would lack ------------------------------------------------------
+
+
+def test_untracked_raw_inputs_are_named_before_any_experiment_runs(tmp_path):
+    """`dvc exp run --temp` copies only what git and DVC track: an untracked raw folder failed
+    hours into a paper study with `[Errno 2] …/.dvc/tmp/exps/…/data/raw/…`."""
+    from stages.ablations import check_tracked, untracked_inputs
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    sh(["git", "init", "-q"], root)
+    sh(["dvc", "init", "-q"], root)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["sources"]["coco"] = {"images": "data/raw/coco", "train_annotations": "data/raw/coco/captions.json"}
+    raw["sources"]["karpathy"]["folder"] = "data/raw/karpathy"
+    raw["sources"]["cc"] = {"shards": "data/raw/cc"}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    for rel in (
+        "data/raw/coco/captions.json",
+        "data/raw/karpathy/dataset_coco.json",
+        "data/raw/cc/00000.tar",
+    ):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("{}")
+    sh(["dvc", "add", "-q", "data/raw/coco"], root)  # tracked by DVC
+    sh(["git", "add", "data/raw/karpathy"], root)  # tracked by git (small files)
+    # data/raw/cc: on disk only. The other sources (demo/raw/…) do not exist: params check's job.
+    assert untracked_inputs(root) == [("sources.cc.shards", root / "data/raw/cc")]
+    with pytest.raises(AblationError) as err:
+        check_tracked(root)
+    message = str(err.value)
+    assert "1 raw input(s) are neither DVC-tracked nor in git" in message
+    assert "  sources.cc.shards: " in message and "`dvc add data/raw/cc`" in message
+    assert "dvc config cache.type reflink,hardlink,symlink" in message
+    sh(["dvc", "add", "-q", "data/raw/cc"], root)
+    assert untracked_inputs(root) == []
+    check_tracked(root)

@@ -69,7 +69,11 @@ class SourcePaths:
             ),
         )
 
+    def named(self) -> list[tuple[str, Path]]:
+        """(params key, path) of every input the params name."""
+        paths = ((key, getattr(self, name)) for name, key in self.KEYS.items())
+        return [(key, path) for key, path in paths if path is not None]
+
     def missing(self) -> list[tuple[str, Path]]:
         """(params key, path) of every input that does not exist."""
-        paths = ((key, getattr(self, name)) for name, key in self.KEYS.items())
-        return [(key, path) for key, path in paths if path is not None and not path.exists()]
+        return [(key, path) for key, path in self.named() if not path.exists()]
