@@ -67,14 +67,9 @@ def _heads(params: Params, given: set[str]) -> list[str]:
 
 
 def _model_config(model: str) -> dict:
-    """An open_clip architecture's config (no weights); empty for an unknown name."""
-    import open_clip
+    from pipeline.models.clip import architecture  # imported when a rule needs it: open_clip is slow
 
-    from pipeline.models.clip import available_models
-
-    if model not in available_models():  # registers the project's own configs
-        return {}
-    return open_clip.get_model_config(model) or {}
+    return architecture(model)
 
 
 def model_input_size(model: str) -> int | None:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from pipeline.errors import InputError
 from pipeline.files import atomic_dir
-from pipeline.models.clip import available_models
+from pipeline.models.clip import architecture as model_architecture
 
 CONFIG = "open_clip_config.json"
 WEIGHTS = "open_clip_model.safetensors"
@@ -63,8 +63,8 @@ def export(
     """Write `out` (replaced atomically) from an open_clip checkpoint of `architecture`; `metrics`
     (model name → evaluate's metrics JSON, the reference first) fill the card's comparison.
     Returns what was written: file sizes and the number of tensors."""
-    config = open_clip.get_model_config(architecture) if architecture in available_models() else None
-    if config is None:
+    config = model_architecture(architecture)
+    if not config:
         raise InputError(f"clip.model {architecture!r}: open_clip has no config of that name")
     try:
         net, _, _ = open_clip.create_model_and_transforms(architecture, pretrained=str(checkpoint))

@@ -323,14 +323,19 @@ def demo_cards(
 @command(app)
 def doctor(
     root: Annotated[Path, typer.Option(help="The project folder (where data/ goes).")] = Path("."),
+    params: Annotated[
+        Path | None,
+        typer.Option("--params", "-p", help="The params whose run to size (default: ROOT/params.yaml)."),
+    ] = None,
 ) -> None:
     """What this machine offers: torch, its CUDA build, the NVIDIA driver, the GPUs, what
-    `device: auto` picks and why not a GPU, CPU threads, free disk and what data/ holds."""
+    `device: auto` picks and why not a GPU, CPU threads, free disk, what data/ holds, and the disk
+    the params' run will need (an upper bound)."""
     import json
 
     from stages import doctor as stage
 
-    typer.echo(json.dumps(stage.report(root), indent=2))
+    typer.echo(json.dumps(stage.report(root, params), indent=2))
 
 
 @command(config_app, "list")

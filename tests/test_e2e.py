@@ -145,3 +145,23 @@ def test_every_plot_names_its_axes():
         for out in body.get("plots", []):
             ((path, props),) = out.items()
             assert props.get("x_label") not in (None, "step"), f"{stage}: {path}"
+
+
+def test_the_disk_estimate_bounds_what_the_tiny_run_wrote(reproduced):
+    """`dclip doctor`'s estimate is an upper bound of what curate and embed write, and not a wild
+    one (the tiny world's images are smaller than the stored size, its captions far shorter than
+    the context)."""
+    from stages.doctor import disk_need
+
+    repo = reproduced.root
+    need = disk_need(repo / "params.yaml")
+    written = {
+        "curated": sum(p.stat().st_size for p in (repo / "data" / "curated" / "train").glob("*.tar")),
+        "embed_cache": sum(
+            p.stat().st_size for p in (repo / "data" / "embeddings").rglob("*") if p.is_file()
+        ),
+    }
+    assert need["pairs"] == sum(CURATE_MIX.values())
+    for key, actual in written.items():
+        bound = need["bytes"][key]
+        assert actual <= bound <= 20 * actual, (key, actual, bound)

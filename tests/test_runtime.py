@@ -98,3 +98,30 @@ def test_dclip_doctor_says_what_auto_picks_and_why():
     assert got["auto_picks"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert (got["why_not_cuda"] is None) == torch.cuda.is_available()
     assert got["disk_free_gib"] > 0
+    # The repository's own params (run from its folder): the demo's run, sized.
+    need = got["disk_needed"]
+    assert need["pairs"] == 12500 + 5000 + 1000 and need["fits"] in (True, False)
+    assert need["need_gib"] == pytest.approx(
+        need["curated_gib"] + need["embed_cache_gib"] + need["scratch_gib"], abs=0.02
+    )
+
+
+def test_disk_estimate_exact_on_small_numbers():
+    from pipeline.disk import estimate
+
+    need = estimate(pairs=10, image_size=100, width=4, context=3, max_regions=2)
+    # Images: 100 × 133.3 px × 0.5 B = 6,666.7 B each. Vectors per pair: 3 tokens + whole image
+    # and 2 regions + image and caption = 8, of 4 float16 values, written twice: 128 B.
+    assert (need.curated_bytes, need.embed_bytes, need.scratch_bytes) == (66667, 1280, 1280)
+    assert need.total_bytes == 69227 and need.with_dvc_cache() == 69227 + 66667 + 1280
+    with pytest.raises(ValueError):
+        estimate(pairs=-1, image_size=100, width=4, context=3, max_regions=2)
+
+
+def test_doctor_names_a_bad_params_file_and_still_reports(tmp_path):
+    from stages.doctor import report
+
+    (tmp_path / "params.yaml").write_text("curate:\n  image_size: 0\n")
+    got = report(tmp_path)
+    assert got["disk_needed"]["error"].startswith(f"{tmp_path / 'params.yaml'}: 1 invalid value")
+    assert got["torch"] == torch.__version__

@@ -42,6 +42,12 @@ def available_models() -> list[str]:
     return open_clip.list_models()
 
 
+def architecture(model: str) -> dict:
+    """An architecture's open_clip config (widths, sizes, context length), read without building
+    the model or loading weights; empty for a name open_clip does not know."""
+    return (open_clip.get_model_config(model) or {}) if model in available_models() else {}
+
+
 def create(model: str, pretrained: str = "none", device: str | torch.device = "cpu"):
     """(model, preprocess, tokenizer) for an architecture and its weights.
 
