@@ -215,6 +215,12 @@ def retrieval(
     text_image = torch.tensor([i for i, r in enumerate(rows) for _ in r["captions"]], dtype=torch.int64)
     txt = encoder.texts(captions, f"{name} captions")
     ranks = metrics.retrieval_ranks(img, txt, text_image)
+    # CLIP_benchmark's R@k as its code counts it (torch.topk), the figure published numbers use.
+    i2t = metrics.captions_of_images(text_image, len(rows))
+    topk = {
+        "text_to_image": metrics.topk_recall(txt, img, text_image[:, None], RECALL_KS),
+        "image_to_text": metrics.topk_recall(img, txt, i2t, RECALL_KS),
+    }
     per_image = torch.bincount(text_image, minlength=len(rows))
     chance = {
         "text_to_image": metrics.chance_recall_at_k(len(rows), torch.ones(len(captions)), RECALL_KS),
@@ -225,6 +231,7 @@ def retrieval(
     queries: list = []
     for direction, r in ranks.items():
         result[direction] = _round(metrics.summarise(r, RECALL_KS))
+        result[direction]["clip_benchmark"] = _round({f"R@{k}": v for k, v in topk[direction].items()})
         curve = metrics.recall_at_k(r, range(1, CURVE_MAX_K + 1))
         curves[f"{name}_{direction}"] = [round(v, 4) for v in curve.values()]
         queries.append(_queries(name, direction, metrics.best_ranks(r)))

@@ -17,6 +17,12 @@ Ties are broken against the query: a negative that scores the same as a positive
 it, and tied positives are placed in the order they are listed. So equal scores never flatter a
 model; a collapsed model whose scores are all equal places every positive after every negative.
 
+`topk_recall` is CLIP_benchmark's R@k as its code computes it, the figure published numbers use: a
+query is a hit at k if a positive is among the k candidates `torch.topk` returns. Among exactly
+tied scores that keeps whichever torch returns (for k = 1 the first listed; beyond, an order of
+torch's kernel), so where scores tie (a caption repeated word for word across images) it can
+count a hit that `recall_at_k` does not.
+
 Scores are computed a chunk of queries at a time and never held whole: memory is bounded by the
 chunk (a fixed number of score elements), whatever the number of queries.
 """
@@ -166,6 +172,30 @@ def retrieval_ranks(
         "text_to_image": positive_ranks(text_emb, image_emb, text_image[:, None], chunk_size),
         "image_to_text": positive_ranks(image_emb, text_emb, i2t, chunk_size),
     }
+
+
+def topk_recall(
+    queries: Tensor, candidates: Tensor, positives: Tensor, ks: Sequence[int], chunk_size: int | None = None
+) -> dict[int, float]:
+    """CLIP_benchmark's R@k: the fraction of queries with a positive among `torch.topk`'s k best
+    candidates, each k by its own topk call as CLIP_benchmark makes it. Arguments as for
+    `positive_ranks`. A k beyond the number of candidates takes them all (torch.topk would refuse)."""
+    _check(queries, candidates, positives)
+    n_queries, n_cand = queries.shape[0], candidates.shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_ELEMENTS // n_cand)
+    hits = {k: 0 for k in ks}
+    for start in range(0, n_queries, chunk_size):
+        stop = min(start + chunk_size, n_queries)
+        scores = queries[start:stop] @ candidates.T
+        is_pos = torch.zeros_like(scores, dtype=torch.bool)
+        pos = positives[start:stop]
+        rows, slots = (pos >= 0).nonzero(as_tuple=True)
+        is_pos[rows, pos[rows, slots]] = True
+        for k in ks:
+            top = torch.topk(scores, min(k, n_cand), dim=1).indices
+            hits[k] += int(is_pos.gather(1, top).any(dim=1).sum())
+    return {k: hits[k] / n_queries for k in ks}
 
 
 def summarise(ranks: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:

@@ -11,7 +11,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 DIRECTIONS = {"text_to_image": "text→image", "image_to_text": "image→text"}
-RETRIEVAL_METRICS = ("R@1", "R@5", "R@10", "mAP", "MRR")
+# R@k as CLIP_benchmark's code counts it (torch.topk): the figures to set beside published ones.
+# (The project's R@k places ties against the model, so they never flatter it.)
+CLIP_BENCHMARK = "clip_benchmark"
+RETRIEVAL_ROWS = [
+    *((m, (m,)) for m in ("R@1", "R@5", "R@10")),
+    *((f"{m} (CLIP_benchmark)", (CLIP_BENCHMARK, m)) for m in ("R@1", "R@5", "R@10")),
+    *((m, (m,)) for m in ("mAP", "MRR")),
+]
+
+
+def _at(tree: Mapping, path: tuple[str, ...]) -> float | None:
+    node = tree
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node  # type: ignore[return-value]
+
+
 ZEROSHOT_METRICS = ("top1", "top5", "mean_per_class_recall")
 NAMES = {
     "coco_val": "COCO val",
@@ -61,11 +79,10 @@ def compare(results: Mapping[str, dict]) -> dict:
     }
     for name, ref in reference.get("retrieval", {}).items():
         for direction in DIRECTIONS:
-            for metric in RETRIEVAL_METRICS:
-                values = {
-                    m: results[m].get("retrieval", {}).get(name, {}).get(direction, {}).get(metric)
-                    for m in models
-                }
+            for metric, path in RETRIEVAL_ROWS:
+                values = {m: _at(results[m], ("retrieval", name, direction, *path)) for m in models}
+                if path[0] == CLIP_BENCHMARK and all(v is None for v in values.values()):
+                    continue  # metrics written before the convention was reported
                 report["retrieval"].append(
                     {
                         "dataset": name,
@@ -73,7 +90,7 @@ def compare(results: Mapping[str, dict]) -> dict:
                         "captions": ref["captions"],
                         "direction": direction,
                         "metric": metric,
-                        "chance": ref.get("chance", {}).get(direction, {}).get(metric),
+                        "chance": ref.get("chance", {}).get(direction, {}).get(path[-1]),
                         **_row(values, models[0], retention=False),
                     }
                 )
@@ -137,7 +154,11 @@ def to_markdown(report: dict) -> str:
         "# Evaluation report",
         "",
         f"Reference: `{ref}`. Values in percent. Δ: gain over the reference in percentage points; "
-        "Δ%: gain relative to the reference; retention: model ÷ reference. Chance: a random ranking.",
+        "Δ%: gain relative to the reference; retention: model ÷ reference. Chance: a random ranking. "
+        "R@k places a candidate that ties with a positive above it (a tie never flatters a model); "
+        "R@k (CLIP_benchmark) counts the k candidates torch.topk returns, as CLIP_benchmark's code "
+        "and published figures do. They differ where scores tie exactly (a caption repeated across "
+        "images).",
         "",
     ]
     if report["retrieval"]:

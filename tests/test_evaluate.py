@@ -143,8 +143,9 @@ def test_metrics_of_every_set(project, demo_clip):
         assert (got["images"], got["captions"]) == (n_img, n_cap)
         for direction in ("text_to_image", "image_to_text"):
             m = got[direction]
-            assert set(m) == {"R@1", "R@5", "R@10", "mAP", "MRR"}
+            assert set(m) == {"R@1", "R@5", "R@10", "mAP", "MRR", "clip_benchmark"}
             assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 1
+            assert all(m[f"R@{k}"] <= m["clip_benchmark"][f"R@{k}"] for k in (1, 5, 10))
             assert 0 < m["MRR"] <= 1 and 0 < m["mAP"] <= 1
             assert m["R@1"] <= m["MRR"]
             curve = result.curves[f"{name}_{direction}"]
@@ -314,7 +315,8 @@ def test_stage_writes_metrics_and_curves_then_the_report(project, capsys):
     assert result.exit_code == 0, result.output
     report = json.loads((project / "metrics" / "report.json").read_text())
     assert report["reference"] == "base" and report["models"] == ["base", "copy"]
-    assert len(report["retrieval"]) == 4 * 2 * 5 and len(report["zeroshot"]) == 3 * 3
+    # 4 sets × 2 directions × (R@1, R@5, R@10, the same in CLIP_benchmark's way, mAP, MRR)
+    assert len(report["retrieval"]) == 4 * 2 * 8 and len(report["zeroshot"]) == 3 * 3
     for row in report["retrieval"] + report["zeroshot"]:
         if row["dataset"] == "cifar10":
             assert row["values"]["copy"] == row["values"]["base"]
@@ -370,3 +372,41 @@ def test_bad_evaluate_params_are_named(value, expected):
     with pytest.raises(ParamsError) as err:
         parse_params({"evaluate": value}, source="params.yaml", base_dir=REPO)
     assert expected in str(err.value)
+
+
+def test_the_clip_benchmark_figures_are_what_clip_benchmark_s_own_evaluation_gives(project, demo_clip):
+    """CLIP_benchmark's `zeroshot_retrieval.evaluate` (a dev dependency), fed the curated COCO and
+    Flickr30k test sets through a DataLoader of (image, its captions), as its own datasets are:
+    its R@k equal the evaluate stage's `clip_benchmark` figures, both ways. The project's own R@k
+    count ties against the model and may only be lower."""
+    from clip_benchmark.metrics import zeroshot_retrieval
+    from torch.utils.data import DataLoader
+
+    from pipeline.evaluate import ShardImages, retrieval_manifest
+
+    net, preprocess, tokenizer = demo_clip
+    curated = project / "data" / "curated"
+    ours = evaluate(encoder(demo_clip, batch_size=256), curated, ["coco", "flickr30k"], "single").metrics
+    for name in ("coco", "flickr30k"):
+        rows = pq.read_table(retrieval_manifest(curated, name)).to_pylist()
+        index = {r["key"]: i for i, r in enumerate(rows)}
+        pixels = dict(ShardImages(curated, list(dict.fromkeys(r["shard"] for r in rows)), index, preprocess))
+        pairs = [(pixels[i], r["captions"]) for i, r in enumerate(rows)]
+        loader = DataLoader(
+            pairs,
+            batch_size=len(pairs),
+            collate_fn=lambda b: (torch.stack([x for x, _ in b]), [t for _, t in b]),
+        )
+        theirs = zeroshot_retrieval.evaluate(
+            net, loader, tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10]
+        )
+        got = ours["retrieval"][name]
+        for k in (1, 5, 10):
+            assert got["text_to_image"]["clip_benchmark"][f"R@{k}"] == round(
+                theirs[f"image_retrieval_recall@{k}"], 4
+            )
+            assert got["image_to_text"]["clip_benchmark"][f"R@{k}"] == round(
+                theirs[f"text_retrieval_recall@{k}"], 4
+            )
+            for direction in ("text_to_image", "image_to_text"):
+                assert got[direction][f"R@{k}"] <= got[direction]["clip_benchmark"][f"R@{k}"]

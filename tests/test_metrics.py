@@ -21,6 +21,7 @@ from pipeline.metrics import (
     recall_at_k,
     retrieval_metrics,
     retrieval_ranks,
+    topk_recall,
     zero_shot_metrics,
 )
 
@@ -308,3 +309,50 @@ def test_an_empty_evaluation_set_is_a_clear_error_not_a_torch_one():
         metrics.zero_shot_metrics(none, torch.randn(3, 4), no_index)
     with pytest.raises(ValueError, match="^2 queries and 0 candidates: an empty evaluation set"):
         metrics.zero_shot_metrics(torch.randn(2, 4), none, torch.zeros(2, dtype=torch.int64))
+
+
+# --- CLIP_benchmark's R@k: the top k by torch.topk ------------------------------------------------------
+
+
+def test_topk_recall_on_hand_made_scores():
+    # The hand-made set: caption 3's three-way tie is a hit for torch.topk (its image is listed
+    # first), a miss for the project's R@k; every other caption as its ranks say.
+    txt, img = scored(SCORES)
+    assert recall_at_k(retrieval_ranks(img, txt, TEXT_IMAGE)["text_to_image"], (1, 2)) == {1: 2 / 7, 2: 5 / 7}
+    assert topk_recall(txt, img, TEXT_IMAGE[:, None], (1, 2, 5)) == {1: 3 / 7, 2: 6 / 7, 5: 1.0}
+    # A tie at the top: torch.topk's k = 1 keeps the first listed, so a positive listed first
+    # counts, where the project's R@1 counts the tie against the model.
+    q, c = scored([[0.5, 0.5, 0.1], [0.5, 0.5, 0.1]])
+    positives = torch.tensor([[0], [1]])
+    assert topk_recall(q, c, positives, (1,)) == {1: 0.5}
+    assert recall_at_k(positive_ranks(q, c, positives), (1,)) == {1: 0.0}
+    # k beyond the candidates takes them all.
+    assert topk_recall(q, c, positives, (10,)) == {10: 1.0}
+
+
+@settings(max_examples=200, deadline=None)
+@given(retrieval_problems())
+def test_topk_recall_is_clip_benchmark_s_own(problem):
+    """CLIP_benchmark's recall code (a dev dependency) on the same scores, both ways: the small
+    integer embeddings tie often, so its tie handling is exercised."""
+    from clip_benchmark.metrics.zeroshot_retrieval import batchify
+    from clip_benchmark.metrics.zeroshot_retrieval import recall_at_k as cb_recall_at_k
+
+    img, txt, text_image, chunk = problem
+    scores = txt @ img.T
+    positive_pairs = torch.zeros_like(scores, dtype=torch.bool)
+    positive_pairs[torch.arange(len(scores)), text_image] = True
+    for k in (1, 2, 3, 5):
+        if k <= img.shape[0]:
+            cb = (batchify(cb_recall_at_k, scores, positive_pairs, 4, "cpu", k=k) > 0).float().mean().item()
+            ours = topk_recall(txt, img, text_image[:, None], (k,), chunk)[k]
+            assert ours == pytest.approx(cb)
+        if k <= txt.shape[0]:
+            cb = (
+                (batchify(cb_recall_at_k, scores.T, positive_pairs.T, 4, "cpu", k=k) > 0)
+                .float()
+                .mean()
+                .item()
+            )
+            ours = topk_recall(img, txt, captions_of_images(text_image, len(img)), (k,), chunk)[k]
+            assert ours == pytest.approx(cb)

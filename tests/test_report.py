@@ -133,3 +133,26 @@ def test_probe_rows_and_table():
     assert rows["swap_att"]["text_cosine"] == 0.995
     assert "| SugarCrepe | swap_att | 200 | 50.00 | 0.995 | 50.00 | 60.00 | +10.00 |" in md
     assert "no image embedding" in md
+
+
+def test_clip_benchmark_rows_beside_the_project_s_own():
+    base = {
+        "retrieval": {
+            "coco": {
+                "images": 5,
+                "captions": 25,
+                "image_to_text": {"R@1": 0.4, "clip_benchmark": {"R@1": 0.6}},
+            }
+        }
+    }
+    report = compare({"base": base, "student": base})
+    got = [
+        (r["direction"], r["metric"], r["values"]["base"])
+        for r in report["retrieval"]
+        if r["values"]["base"] is not None
+    ]
+    assert got == [("image_to_text", "R@1", 0.4), ("image_to_text", "R@1 (CLIP_benchmark)", 0.6)]
+    # Metrics written before the CLIP_benchmark figures: no such rows at all.
+    old = {"retrieval": {"coco": {"images": 5, "captions": 25, "image_to_text": {"R@1": 0.4}}}}
+    assert not [r for r in compare({"base": old})["retrieval"] if "CLIP_benchmark" in r["metric"]]
+    assert "R@k (CLIP_benchmark) counts the k candidates torch.topk returns" in to_markdown(report)
