@@ -14,7 +14,7 @@ from pipeline.models.clip import create, save_checkpoint
 from pipeline.runtime import pick_device
 from pipeline.shards import verify_shards
 from pipeline.train import Optimisation
-from stages.outputs import log_live, prune_runs, require, write_json
+from stages.outputs import LiveCurves, prune_runs, require, write_json
 
 METRICS = Path("metrics/distill.json")
 LIVE_DIR = Path("metrics/distill")
@@ -55,9 +55,20 @@ def run(params_file: Path, progress: bool = True) -> dict:
         inputs.append(embeddings / "images.parquet")
     key = distill.run_key(params.clip.model, str(weights_path), step, opt, inputs, device)
     scratch = root / rt.scratch / "distill"
+    live = LiveCurves(root / LIVE_DIR)
     start = time.perf_counter()
     model, trainer, text_hash = distill.train_student(
-        model, step, opt, shards, targets, preprocess, scratch / key, device, rt.workers, progress
+        model,
+        step,
+        opt,
+        shards,
+        targets,
+        preprocess,
+        scratch / key,
+        device,
+        rt.workers,
+        progress,
+        on_step=lambda s, losses: live.log({"step": s, **losses}),
     )
     seconds = time.perf_counter() - start
     save_checkpoint(model.cpu(), root / cfg.out)
@@ -75,7 +86,7 @@ def run(params_file: Path, progress: bool = True) -> dict:
         "device": device.type,
     }
     write_json(root / METRICS, metrics, sort_keys=True)
-    log_live(root / LIVE_DIR, trainer.steps)
+    live.finish(trainer.steps)
     prune_runs(scratch, keep=key)
     print(json.dumps({k: v for k, v in metrics.items() if k != "epochs"}))
     return metrics

@@ -7,6 +7,7 @@ import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import MissingOutput
 from pipeline.files import atomic_file
@@ -32,15 +33,49 @@ def write_json(path: Path, obj: dict, sort_keys: bool = False) -> None:
 def log_live(folder: Path, records: list[dict], skip: tuple[str, ...] = ("step", "epoch")) -> None:
     """One DVCLive step per record, every other numeric field a curve for `dvc plots`. Written
     from a finished run's record, so a resumed run logs exactly what an uninterrupted one does."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with _live(folder) as live:
+        for record in records:
+            _log(live, record, skip)
+    _drop_summary(folder)
+
+
+class LiveCurves:
+    """DVCLive curves written while training runs, a step per record, so that `dvc plots show`
+    (or DVC Studio) follows a run in progress; `finish` writes them again from the run's whole
+    record (log_live), so that a resumed run ends with exactly the files of an uninterrupted one."""
+
+    def __init__(self, folder: Path, skip: tuple[str, ...] = ("step", "epoch")):
+        self.folder, self.skip = folder, skip
+        self._live: Any = None
+
+    def log(self, record: dict) -> None:
+        if self._live is None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self._live = _live(self.folder)
+        _log(self._live, record, self.skip)
+
+    def finish(self, records: list[dict]) -> None:
+        if self._live is not None:
+            self._live.end()
+            self._live = None
+        log_live(self.folder, records, self.skip)
+
+
+def _live(folder: Path) -> Any:
     from dvclive import Live
 
-    shutil.rmtree(folder, ignore_errors=True)
-    with Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        for record in records:
-            for name, value in record.items():
-                if name not in skip:
-                    live.log_metric(name, value, plot=True)
-            live.next_step()
+    return Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None)
+
+
+def _log(live: Any, record: dict, skip: tuple[str, ...]) -> None:
+    for name, value in record.items():
+        if name not in skip:
+            live.log_metric(name, value, plot=True)
+    live.next_step()
+
+
+def _drop_summary(folder: Path) -> None:
     # DVCLive's summary repeats the stage's own metrics file; left undeclared in dvc.yaml, it would
     # go stale when DVC restores the stage from its run-cache.
     (folder / "metrics.json").unlink(missing_ok=True)

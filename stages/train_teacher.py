@@ -20,7 +20,7 @@ from pipeline.models.teacher import TeacherConfig
 from pipeline.runtime import pick_device
 from pipeline.shards import verify_shards
 from pipeline.train import Optimisation
-from stages.outputs import log_live, prune_runs, require, write_json
+from stages.outputs import LiveCurves, prune_runs, require, write_json
 
 METRICS = Path("metrics/teacher.json")
 LIVE_DIR = Path("metrics/teacher")
@@ -53,6 +53,13 @@ def run(params_file: Path, progress: bool = True) -> dict:
     key = teach.run_key(model_cfg, step, opt, data, device)
     scratch = root / params.runtime.scratch / "teacher"
     checkpoints = scratch / key
+    # Curves only: the validation slice's sizes are constants, in metrics/teacher.json.
+    live = LiveCurves(root / LIVE_DIR, skip=("step", "epoch", "val_images", "val_captions"))
+
+    def epoch_done(epoch: int, record: dict) -> None:
+        print(json.dumps({"epoch": epoch, **record}), file=sys.stderr)
+        live.log(record)
+
     start = time.perf_counter()
     model, history, slice_size = teach.train_teacher(
         model_cfg,
@@ -61,7 +68,7 @@ def run(params_file: Path, progress: bool = True) -> dict:
         data,
         checkpoints,
         device,
-        on_epoch_end=lambda e, r: print(json.dumps({"epoch": e, **r}), file=sys.stderr),
+        on_epoch_end=epoch_done,
         progress=progress,
     )
     seconds = time.perf_counter() - start
@@ -80,8 +87,7 @@ def run(params_file: Path, progress: bool = True) -> dict:
         "device": device.type,
     }
     write_json(root / METRICS, metrics, sort_keys=True)
-    # Curves only: the validation slice's sizes are constants, in metrics/teacher.json.
-    log_live(root / LIVE_DIR, history, skip=("step", "epoch", "val_images", "val_captions"))
+    live.finish(history)
     prune_runs(scratch, keep=key)
     print(json.dumps({"targets": n, "pairs_without_target": without, "chosen": metrics["chosen"]}))
     return metrics
