@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/dvc repro
+	$(BIN)/dclip repro
 
 test: $(STAMP)
 	$(BIN)/ruff check .

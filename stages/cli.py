@@ -65,6 +65,30 @@ def params_check(file: Annotated[Path, typer.Argument(help="Params file.")] = Pa
     typer.echo(f"{file}: ok")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def repro(ctx: typer.Context) -> None:
+    """`dvc repro` after the project's own check of params.yaml: every key, the rules across
+    sections and every raw input it names, so that a missing dataset is named by its params key
+    before DVC's one-path `[Errno 2]` can hide it. Every argument goes on to dvc repro
+    (`dclip repro dvc.yaml`, `dclip repro -f curate`, …)."""
+    import os
+    import shutil
+
+    from pipeline.config import load_params
+    from stages.curate import check_raw_inputs
+
+    params = Path("params.yaml")
+    try:
+        check_raw_inputs(load_params(params), params, made_by_world=True)
+    except DclipError as err:
+        _fail(str(err), err.exit_code)
+    dvc = shutil.which("dvc")
+    if dvc is None:
+        _fail("dvc is not on PATH: activate the project's environment (`source .venv/bin/activate`)", 1)
+    sys.stdout.flush()
+    os.execv(dvc, [dvc, "repro", *ctx.args])  # DVC's own exit status and output, unchanged
+
+
 @command(app)
 def world(params: ParamsFile = Path("params.yaml")) -> None:
     """Stage `world`: generate the demo world's raw datasets in their real formats."""

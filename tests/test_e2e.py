@@ -5,12 +5,17 @@ Later stages extend this test as they join the pipeline."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from .helpers import CURATE_MIX, TINY_WORLD, restore, sh
+from .helpers import CURATE_MIX, REPO, TINY_WORLD, restore, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -168,3 +173,20 @@ def test_the_disk_estimate_bounds_what_the_tiny_run_wrote(reproduced):
     for key, actual in written.items():
         bound = need["bytes"][key]
         assert actual <= bound <= 20 * actual, (key, actual, bound)
+
+
+def test_dclip_repro_checks_first_then_is_dvc_repro(reproduced, tmp_path):
+    # A recipe whose raw data is not there: the project names every missing input by its params
+    # key, and DVC never starts (its one-path `[Errno 2]` would have hidden the rest).
+    shutil.copy(REPO / "configs" / "paper-vit-b32.yaml", tmp_path / "params.yaml")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    got = subprocess.run(
+        ["dclip", "repro", "dvc.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert got.returncode == 2, got.stderr
+    assert "raw input(s) not found (the curate stage reads them)" in got.stderr
+    assert "  sources.coco.images: data/raw/coco does not exist" in got.stderr
+    assert "Running stage" not in got.stdout + got.stderr
+    # A project that is whole: exactly dvc repro, its arguments passed on.
+    out = sh(["dclip", "repro", "dvc.yaml"], reproduced.root)
+    assert "Running stage" not in out and "didn't change, skipping" in out
