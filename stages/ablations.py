@@ -47,7 +47,7 @@ from pipeline.ablations import (
     study_table,
     to_markdown,
 )
-from pipeline.config import read_yaml
+from pipeline.config import load_params, read_yaml
 from pipeline.errors import DclipError, UsageError
 from stages.outputs import write_json
 
@@ -221,8 +221,7 @@ def untracked_inputs(root: Path) -> list[tuple[str, Path]]:
     input that does not exist is left to `dclip params check`."""
     from dvc.repo import Repo
 
-    from pipeline.config import load_params
-    from pipeline.curate import SourcePaths
+    from pipeline.curate import SourcePaths  # the readers' paths; imported only for this check
 
     sources = load_params(root / PARAMS, only=("sources",)).sources
     present = [(k, p) for k, p in SourcePaths.resolve(sources, root).named() if p.exists()]
