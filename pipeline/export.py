@@ -12,7 +12,7 @@ and loads with `open_clip.create_model_and_transforms("local-dir:FOLDER")` and
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from pipeline.errors import InputError
 from pipeline.files import atomic_dir
 from pipeline.models.clip import architecture as model_architecture
+from pipeline.report import value_at
 
 CONFIG = "open_clip_config.json"
 WEIGHTS = "open_clip_model.safetensors"
@@ -99,26 +100,17 @@ def comparison(metrics: Mapping[str, Mapping]) -> str:
     names = list(metrics)
     rows: list[str | None] = []
     for data, direction, figure in RETRIEVAL:
-        cells = [_get(metrics[n], ("retrieval", data, direction, figure)) for n in names]
+        cells = [value_at(metrics[n], ("retrieval", data, direction, figure)) for n in names]
         label = f"{data} {direction.replace('_to_', '→')} {figure}"
         rows.append(_row(label, cells))
     for data, figure in ZEROSHOT:
-        cells = [_get(metrics[n], ("zeroshot", data, figure)) for n in names]
+        cells = [value_at(metrics[n], ("zeroshot", data, figure)) for n in names]
         rows.append(_row(f"{data} zero-shot {figure}", cells))
     kept = [r for r in rows if r is not None]
     if not kept:
         return ""
     head = ["| test figure (%) | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     return "\n".join(head + kept) + "\n"
-
-
-def _get(tree: Mapping, path: Sequence[str]) -> float | None:
-    node: Any = tree
-    for part in path:
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return float(node)
 
 
 def _row(label: str, cells: list[float | None]) -> str | None:

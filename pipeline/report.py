@@ -8,7 +8,7 @@ and its Markdown rendering.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 DIRECTIONS = {"text_to_image": "text→image", "image_to_text": "image→text"}
 # R@k as CLIP_benchmark's code counts it (torch.topk): the figures to set beside published ones.
@@ -21,7 +21,8 @@ RETRIEVAL_ROWS = [
 ]
 
 
-def _at(tree: Mapping, path: tuple[str, ...]) -> float | None:
+def value_at(tree: Mapping, path: Sequence[str]) -> float | None:
+    """The value under the keys `path` of a metrics JSON, None where any key is missing."""
     node = tree
     for part in path:
         if not isinstance(node, Mapping) or part not in node:
@@ -80,7 +81,7 @@ def compare(results: Mapping[str, dict]) -> dict:
     for name, ref in reference.get("retrieval", {}).items():
         for direction in DIRECTIONS:
             for metric, path in RETRIEVAL_ROWS:
-                values = {m: _at(results[m], ("retrieval", name, direction, *path)) for m in models}
+                values = {m: value_at(results[m], ("retrieval", name, direction, *path)) for m in models}
                 if path[0] == CLIP_BENCHMARK and all(v is None for v in values.values()):
                     continue  # metrics written before the convention was reported
                 report["retrieval"].append(
