@@ -63,6 +63,19 @@ PROJECT_FILES = [
     "pipeline",
     "stages",
 ]
+# The stages of dvc.yaml, the study's DAG (the demo world is demo/dvc.yaml's).
+STUDY_STAGES = {
+    "weights",
+    "curate",
+    "detect",
+    "embed",
+    "train_teacher",
+    "distill",
+    "evaluate@base",
+    "evaluate@student",
+    "report",
+    "export",
+}
 # Small enough for the tiny world: each source fills its count. Pairs: every caption of an image
 # (params.yaml's captions_per_image: all), so 4 COCO and 2 Flickr30k images of 5 captions, 6 CC
 # images of one.

@@ -17,7 +17,7 @@ from pipeline.config import load_params
 from stages import recipes
 from stages.cli import app
 
-from .helpers import make_pipeline_repo, sh
+from .helpers import STUDY_STAGES, make_pipeline_repo, sh
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -243,18 +243,7 @@ def test_on_a_paper_recipe_the_demo_world_is_off_the_study_s_dag(tmp_path):
         return nodes, pairs
 
     world = "demo/dvc.yaml:world"
-    study = {
-        "weights",
-        "curate",
-        "detect",
-        "embed",
-        "train_teacher",
-        "distill",
-        "evaluate@base",
-        "evaluate@student",
-        "report",
-        "export",
-    }
+    study = STUDY_STAGES
     # The demo params: the world feeds curate.
     nodes, pairs = edges()
     assert nodes == study | {world} and (world, "curate") in pairs

@@ -18,22 +18,10 @@ import pytest
 import torch
 import yaml
 
-from .helpers import REPO, make_pipeline_repo, sh
+from .helpers import REPO, STUDY_STAGES, make_pipeline_repo, sh
 
 pytestmark = pytest.mark.e2e
 
-STUDY = {
-    "weights",
-    "curate",
-    "detect",
-    "embed",
-    "train_teacher",
-    "distill",
-    "evaluate@base",
-    "evaluate@student",
-    "report",
-    "export",
-}
 WIDTH = {"paper-vit-b32": 512, "paper-vit-b16": 512, "paper-vit-l14": 768}
 
 
@@ -64,7 +52,7 @@ def test_a_paper_recipe_runs_end_to_end_on_tiny_real_format_data(recipe, tiny_wo
 
     out = sh(["dvc", "repro", "dvc.yaml"], root)  # the study's DAG; the demo world is not in it
 
-    assert set(re.findall(r"Running stage '([^']+)'", out)) == STUDY
+    assert set(re.findall(r"Running stage '([^']+)'", out)) == STUDY_STAGES
     curated = json.loads((root / "metrics" / "curate.json").read_text())
     pairs = {s: curated["train"][s]["kept_pairs"] for s in ("coco", "flickr30k", "cc")}
     assert all(n > 0 for n in pairs.values()), pairs
