@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	# LAION's CLIP_benchmark, whose own metric code the parity tests run. Without its dependencies
-	# (transformers, pycocoevalcap, scikit-learn, …): its retrieval metrics import torch and tqdm only.
+	# (transformers, pycocoevalcap, …): its retrieval and zero-shot metrics need only torch, tqdm and
+	# scikit-learn (in the dev extra).
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps clip-benchmark==1.6.2
 	touch $@
 

@@ -262,11 +262,17 @@ JpegQuality = Annotated[int, Field(ge=1, le=100, strict=True)]
 
 class Mix(Section):
     """Training pairs per source. The paper's ViT-B mix is coco 42000, flickr30k 10000, cc 15000
-    (ViT-L: 85000, 20000, 15000); the demo's is sized for a quick CPU run."""
+    (ViT-L: 85000, 20000, 15000); the demo's is sized for a quick CPU run. 0 or null: no pairs
+    from that source, whose training input (coco's annotations, cc's shards) is then not read."""
 
     coco: Count = 12500
     flickr30k: Count = 5000
     cc: Count = 1000
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _null_is_none(cls, v: Any) -> Any:
+        return 0 if v is None else v
 
 
 class CaptionRules(Section):
@@ -303,7 +309,8 @@ class Curate(Section):
 
 class CocoSource(Section):
     images: PathStr = "demo/raw/coco"  # holds train2017/ and val2017/ (or the 2014 folders)
-    train_annotations: PathStr = "demo/raw/coco/annotations/captions_train2017.json"
+    # Training candidates; read only when curate.mix.coco asks for pairs.
+    train_annotations: PathStr | None = "demo/raw/coco/annotations/captions_train2017.json"
 
 
 class Flickr30kSource(Section):
@@ -324,8 +331,9 @@ class KarpathySource(Section):
     optional CLIP_benchmark files need no dvc.yaml entry of their own."""
 
     folder: PathStr = "demo/raw/karpathy"
-    coco: FileName = "dataset_coco.json"  # its val and test images are held out of training
-    flickr30k: FileName = "dataset_flickr30k.json"
+    # Each read when its source is on (not null): its val and test images are held out of training.
+    coco: FileName | None = "dataset_coco.json"
+    flickr30k: FileName | None = "dataset_flickr30k.json"
     # Optional: take a test set (images and captions) from CLIP_benchmark's file instead of the
     # Karpathy JSON; its images are held out too.
     coco_test: Annotated[str | None, AfterValidator(_file_name)] = None  # coco_test_karpathy.json
@@ -352,16 +360,22 @@ class SugarcrepeSource(Section):
 
 
 class Sources(Section):
-    """The raw datasets (read by curate). The defaults are the demo world's."""
+    """The raw datasets (read by curate). The defaults are the demo world's.
 
-    coco: CocoSource = CocoSource()
-    flickr30k: Flickr30kSource = Flickr30kSource()
-    karpathy: KarpathySource = KarpathySource()
-    cc: CcSource = CcSource()
-    imagenet: ImagenetSource = ImagenetSource()
-    cifar10: CifarSource = CifarSource(folder="demo/raw/cifar-10-batches-py")
-    cifar100: CifarSource = CifarSource(folder="demo/raw/cifar-100-python")
-    sugarcrepe: SugarcrepeSource = SugarcrepeSource()
+    A source set to null is switched off: curate neither needs nor reads it, and builds nothing
+    from it (no training pairs, no evaluation set), so nothing from it is evaluated or reported.
+    Every source lies inside `root`, the one folder the curate stage depends on in dvc.yaml (a
+    stage's dependencies cannot come and go with the params; a folder can hold what is there)."""
+
+    root: PathStr = "demo/raw"
+    coco: CocoSource | None = CocoSource()
+    flickr30k: Flickr30kSource | None = Flickr30kSource()
+    karpathy: KarpathySource | None = KarpathySource()
+    cc: CcSource | None = CcSource()
+    imagenet: ImagenetSource | None = ImagenetSource()
+    cifar10: CifarSource | None = CifarSource(folder="demo/raw/cifar-10-batches-py")
+    cifar100: CifarSource | None = CifarSource(folder="demo/raw/cifar-100-python")
+    sugarcrepe: SugarcrepeSource | None = SugarcrepeSource()
 
 
 # --- detect: YOLO regions of the training images -----------------------------------------------

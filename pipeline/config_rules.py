@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 if TYPE_CHECKING:
     from pipeline.config import Params
 
@@ -35,7 +37,13 @@ WRITES_SOURCES = ("world", "out")
 def problems(params: Params) -> list[str]:
     """Every cross-section rule the params break, one line each (empty when none)."""
     given = params.model_fields_set
-    return [*_image_size(params, given), *_heads(params, given), *_overlaps(params, given)]
+    return [
+        *_image_size(params, given),
+        *_heads(params, given),
+        *_overlaps(params, given),
+        *_inside_root(params, given),
+        *_switched_off(params, given),
+    ]
 
 
 def _image_size(params: Params, given: set[str]) -> list[str]:
@@ -88,7 +96,10 @@ def _paths(params: Params, given: set[str]) -> tuple[dict[str, PurePosixPath], d
     }
     inputs: dict[str, PurePosixPath] = {}
     if "sources" in given:
+        inputs["sources.root"] = PurePosixPath(params.sources.root)
         for name, source in params.sources:
+            if not isinstance(source, BaseModel):  # sources.root, or a source switched off
+                continue
             for key, value in source:
                 # sources.karpathy names its files inside its folder: the folder is the input.
                 if isinstance(value, str) and (name != "karpathy" or key == "folder"):
@@ -118,4 +129,70 @@ def _overlaps(params: Params, given: set[str]) -> list[str]:
         for src, ps in inputs.items():
             if _within(po, ps) or _within(ps, po):
                 found.append(f"{out}: {po} overlaps the raw input {src}: {ps}; write outputs elsewhere")
+    return found
+
+
+def _inside_root(params: Params, given: set[str]) -> list[str]:
+    """Every source lies inside sources.root: the curate stage depends on that folder alone, so a
+    source outside it could change without DVC re-running curate."""
+    if "sources" not in given:
+        return []
+    _, inputs = _paths(params, given)
+    root = PurePosixPath(params.sources.root)
+    return [
+        f"{key}: {path} lies outside sources.root: {root}; the curate stage depends on that folder "
+        "alone (move or link the data inside it, or set sources.root to a folder that holds every source)"
+        for key, path in inputs.items()
+        if not _within(path, root)
+    ]
+
+
+# The evaluation sets each source builds (pipeline/evalsets.py names them).
+SETS_OF = {
+    "coco": ("coco_val", "coco"),
+    "flickr30k": ("flickr30k_val", "flickr30k"),
+    "imagenet": ("imagenet",),
+    "cifar10": ("cifar10",),
+    "cifar100": ("cifar100",),
+    "sugarcrepe": ("sugarcrepe",),
+}
+
+
+def _switched_off(params: Params, given: set[str]) -> list[str]:
+    """A source switched off (null) is asked for by nothing: no training pairs (curate.mix), no
+    evaluation set (evaluate.datasets); and what an enabled source needs is there."""
+    if "sources" not in given:
+        return []
+    src = params.sources
+    found = []
+    if "curate" in given:
+        for name, asked in params.curate.mix:
+            if asked > 0 and getattr(src, name) is None:
+                found.append(
+                    f"curate.mix.{name}: {asked} pairs asked of sources.{name}, which is null (switched "
+                    f"off); set curate.mix.{name}: 0, or give sources.{name}"
+                )
+        if params.curate.mix.coco > 0 and src.coco is not None and src.coco.train_annotations is None:
+            found.append(
+                f"curate.mix.coco: {params.curate.mix.coco} pairs asked, but sources.coco.train_annotations "
+                "is null; give COCO's captions_train2017.json, or set curate.mix.coco: 0"
+            )
+    for name in ("coco", "flickr30k"):
+        if getattr(src, name) is None:
+            continue
+        if src.karpathy is None or getattr(src.karpathy, name) is None:
+            key = "sources.karpathy" if src.karpathy is None else f"sources.karpathy.{name}"
+            found.append(
+                f"{key} is null, but sources.{name} is on: Karpathy's split file says which of its "
+                f"images are held out (val, test); give it, or set sources.{name}: null"
+            )
+    if "evaluate" in given:
+        off = {s: name for name, sets in SETS_OF.items() if getattr(src, name) is None for s in sets}
+        for dataset in params.evaluate.datasets:
+            if dataset in off:
+                source = f"sources.{off[dataset]}"
+                found.append(
+                    f"evaluate.datasets: {dataset} is built from {source}, which is null (switched "
+                    f"off); leave {dataset} out of evaluate.datasets, or give {source}"
+                )
     return found

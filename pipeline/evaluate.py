@@ -16,7 +16,6 @@ embeddings are kept, in manifest order; the metrics are those of pipeline.metric
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,16 +31,22 @@ from tqdm import tqdm
 
 from pipeline import images, metrics
 from pipeline.errors import InputError, MissingOutput
+from pipeline.evalsets import (
+    CLASSNAMES,
+    PROBE_SETS,
+    RETRIEVAL_SETS,
+    SINGLE_PROMPT,
+    VAL_SETS,
+    ZEROSHOT_SETS,
+    check_built,
+    manifest,
+    read_classnames,
+    set_dir,
+    where,
+)
 from pipeline.models import clip
 from pipeline.shards import read_shard
 
-RETRIEVAL_SETS = ("coco", "flickr30k")  # Karpathy test: the readout
-VAL_SUFFIX = "_val"
-VAL_SETS = tuple(f"{name}{VAL_SUFFIX}" for name in RETRIEVAL_SETS)  # Karpathy val: where choices are made
-ZEROSHOT_SETS = ("imagenet", "cifar10", "cifar100")
-PROBE_SETS = ("sugarcrepe",)
-DATASETS = VAL_SETS + RETRIEVAL_SETS + ZEROSHOT_SETS + PROBE_SETS
-SINGLE_PROMPT = "This is a photo of a {}"  # the paper's prompt
 RECALL_KS = (1, 5, 10)
 TOP_KS = (1, 5)
 CURVE_MAX_K = 50  # recall@k curves for `dvc plots`: k = 1 … this
@@ -161,26 +166,11 @@ class Evaluation:
     queries: list[dict] = field(default_factory=list)  # QUERY_COLUMNS, one entry per (set, task)
 
 
-def retrieval_manifest(curated: Path, name: str) -> Path:
-    """coco → test/coco.parquet; coco_val → val/coco.parquet."""
-    if name in VAL_SETS:
-        return curated / "val" / f"{name.removesuffix(VAL_SUFFIX)}.parquet"
-    return curated / "test" / f"{name}.parquet"
-
-
 def required_files(curated: Path, datasets: Sequence[str]) -> list[Path]:
     """The curated files a run over `datasets` reads (shards are named by the manifests)."""
-    files = []
-    for name in datasets:
-        if name in RETRIEVAL_SETS or name in VAL_SETS:
-            files.append(retrieval_manifest(curated, name))
-        elif name in ZEROSHOT_SETS:
-            files += [curated / "zeroshot" / f"{name}.parquet", curated / "zeroshot" / f"{name}.json"]
-        elif name in PROBE_SETS:
-            files.append(curated / "probe" / f"{name}.parquet")
-        else:
-            raise InputError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
-    return files
+    files = [manifest(curated, name) for name in datasets]
+    zeroshot = [where(name)[0] for name in datasets if name in ZEROSHOT_SETS]
+    return files + [set_dir(curated, name) / CLASSNAMES for name in zeroshot]
 
 
 def _manifest(path: Path, columns: list[str]) -> list[dict]:
@@ -209,7 +199,7 @@ def _queries(name: str, task: str, places: torch.Tensor, category: list[str] | N
 def retrieval(
     encoder: SetEncoder, curated: Path, name: str
 ) -> tuple[dict, dict[str, list[float]], list[dict]]:
-    rows = _manifest(retrieval_manifest(curated, name), ["key", "shard", "captions"])
+    rows = _manifest(manifest(curated, name), ["key", "shard", "captions"])
     img = encoder.images(curated, [r["key"] for r in rows], [r["shard"] for r in rows], f"{name} images")
     captions = [c for r in rows for c in r["captions"]]
     text_image = torch.tensor([i for i, r in enumerate(rows) for _ in r["captions"]], dtype=torch.int64)
@@ -240,8 +230,8 @@ def retrieval(
 
 
 def zero_shot(encoder: SetEncoder, curated: Path, name: str, templates: Sequence) -> tuple[dict, dict]:
-    rows = _manifest(curated / "zeroshot" / f"{name}.parquet", ["key", "shard", "label"])
-    classnames = json.loads((curated / "zeroshot" / f"{name}.json").read_text(encoding="utf-8"))["classnames"]
+    rows = _manifest(manifest(curated, name), ["key", "shard", "label"])
+    classnames = read_classnames(curated, name)
     labels = torch.tensor([r["label"] for r in rows], dtype=torch.int64)
     if labels.min() < 0 or labels.max() >= len(classnames):
         raise InputError(f"{name}: labels outside the {len(classnames)} class names")
@@ -264,7 +254,7 @@ def probe(encoder: SetEncoder, curated: Path, name: str) -> tuple[dict, dict]:
     cosine of each item's true caption and its negative in the (frozen) text tower. Near 1 the
     two captions are one point to the text tower, and no image embedding can tell them apart."""
     columns = ["category", "key", "shard", "caption", "negative_caption"]
-    rows = _manifest(curated / "probe" / f"{name}.parquet", columns)
+    rows = _manifest(manifest(curated, name), columns)
     first: dict[str, str] = {}
     for r in rows:
         first.setdefault(r["key"], r["shard"])
@@ -292,6 +282,7 @@ def evaluate(encoder: SetEncoder, curated: Path | str, datasets: Sequence[str], 
     """Embed and score every data set in `datasets` (names from DATASETS) with one model."""
     curated = Path(curated)
     templates = prompt_templates(prompts)
+    check_built(curated, datasets)
     missing = [p for p in required_files(curated, datasets) if not p.is_file()]
     if missing:
         raise MissingOutput(

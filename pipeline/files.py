@@ -7,7 +7,6 @@ temporary name beside its destination and renamed into place when complete.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import shutil
 from collections.abc import Iterator
@@ -76,12 +75,11 @@ def remove_unfinished(folder: Path) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path | str) -> None:
-    """torch.save to `path`, atomically. Saved through a buffer, so the bytes do not depend on the
-    file's name (torch names the archive's folder after it): the same object gives the same file,
-    and DVC the same hash."""
+    """torch.save to `path`, atomically. Saved through an open file object, not a path, so the bytes
+    do not depend on the file's name (torch names the archive's folder after a path, "archive" for
+    a file object): the same object gives the same file, and DVC the same hash. Streamed to disk:
+    no in-memory copy of a checkpoint that may be as large as the model and its optimiser."""
     import torch
 
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(buf.getbuffer())
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)

@@ -223,8 +223,9 @@ def untracked_inputs(root: Path) -> list[tuple[str, Path]]:
 
     from pipeline.curate import SourcePaths  # the readers' paths; imported only for this check
 
-    sources = load_params(root / PARAMS, only=("sources",)).sources
-    present = [(k, p) for k, p in SourcePaths.resolve(sources, root).named() if p.exists()]
+    params = load_params(root / PARAMS, only=("sources", "curate"))
+    paths = SourcePaths.resolve(params.sources, root, params.curate.mix)
+    present = [(k, p) for k, p in paths.named() if p.exists()]
     with Repo(str(root)) as repo:
         outs = [Path(str(out.fs_path)).resolve() for out in repo.index.outs]
     untracked = []

@@ -21,7 +21,7 @@ def check_raw_inputs(params: Params, params_file: Path, made_by_world: bool) -> 
     With `made_by_world`, inputs inside world.out are left out: the demo's world stage makes them
     (what `dclip params check` wants before `dvc repro`); the curate stage itself needs them all."""
     root = params_file.parent
-    missing = SourcePaths.resolve(params.sources, root).missing()
+    missing = SourcePaths.resolve(params.sources, root, params.curate.mix).missing()
     if made_by_world:  # (world.out is read only here: the curate stage does not list it)
         world = (root / params.world.out).resolve()
         missing = [(key, path) for key, path in missing if not path.resolve().is_relative_to(world)]
@@ -36,7 +36,7 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
     params = load_params(params_file)
     root = params_file.parent
     check_raw_inputs(params, params_file, made_by_world=False)
-    paths = SourcePaths.resolve(params.sources, root)
+    paths = SourcePaths.resolve(params.sources, root, params.curate.mix)
     count_tokens, context = clip_token_counter(params.clip.model)
     max_tokens = params.curate.caption.max_tokens or context
     if max_tokens > context:
@@ -50,7 +50,7 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
     metrics = curate(step, paths, root / cfg.out, count_tokens, params.runtime.workers, progress)
     seconds = time.perf_counter() - start
     write_json(root / metrics_file, metrics)
-    pairs = {s: metrics["train"][s]["kept_pairs"] for s in ("coco", "flickr30k", "cc")}
+    pairs = {s: m["kept_pairs"] for s, m in metrics["train"].items() if s != "total"}
     shards = metrics["train"]["total"]["shards"]
     print(json.dumps({"seconds": round(seconds, 1), "pairs": pairs, "shards": shards}))
     return metrics

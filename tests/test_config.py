@@ -318,6 +318,39 @@ def test_the_teacher_architecture_s_defaults_are_the_params_defaults():
             "teacher.heads: 3 does not divide the embedding width of clip.model DCLIP-Demo-RN64 (128)",
         ),
         ({"curate.shard_size": 10**9}, "curate.shard_size: Input should be less than or equal to 100000"),
+        # A source switched off (null) is asked for by nothing; an enabled one has what it needs.
+        (
+            {"sources.cc": None},
+            "curate.mix.cc: 1000 pairs asked of sources.cc, which is null (switched off); "
+            "set curate.mix.cc: 0, or give sources.cc",
+        ),
+        (
+            {"sources.imagenet": None},
+            "evaluate.datasets: imagenet is built from sources.imagenet, which is null (switched off); "
+            "leave imagenet out of evaluate.datasets, or give sources.imagenet",
+        ),
+        (
+            {"sources.coco": None, "curate.mix.coco": 0},
+            "evaluate.datasets: coco_val is built from sources.coco, which is null",
+        ),
+        (
+            {"sources.coco.train_annotations": None},
+            "curate.mix.coco: 12500 pairs asked, but sources.coco.train_annotations is null",
+        ),
+        ({"sources.karpathy": None}, "sources.karpathy is null, but sources.coco is on"),
+        (
+            {"sources.karpathy.flickr30k": None},
+            "sources.karpathy.flickr30k is null, but sources.flickr30k is on",
+        ),
+        (
+            {"sources.cc.shards": "data/raw/cc"},
+            "sources.cc.shards: data/raw/cc lies outside sources.root: demo/raw; the curate stage depends "
+            "on that folder alone",
+        ),
+        (
+            {"distill.out": "demo/raw/student.pt"},
+            "distill.out: demo/raw/student.pt overlaps the raw input sources.root: demo/raw",
+        ),
         ({"world.cc.shard_size": 10**9}, "world.cc.shard_size: Input should be less than or equal to 100000"),
     ],
 )
@@ -331,6 +364,31 @@ def test_combinations_that_cannot_work_are_refused_up_front(change, expected):
             node = node[key]
         node[last] = value
     assert expected in refused(raw)
+
+
+def test_a_source_switched_off_everywhere_is_accepted_and_not_read(tmp_path):
+    """CC and ImageNet off (mix null, source null, not evaluated), COCO training off (mix 0):
+    the params are valid, and curate's inputs leave out CC's shards, ImageNet and COCO's
+    training annotations (COCO's images and Karpathy file still give its val and test sets)."""
+    from pipeline.curate import SourcePaths
+
+    raw = default_raw()
+    raw["curate"]["mix"].update({"cc": None, "coco": 0})
+    raw["sources"]["cc"] = raw["sources"]["imagenet"] = None
+    raw["evaluate"]["datasets"].remove("imagenet")
+    params = parse_params(raw, source="params.yaml", base_dir=REPO)
+    assert params.curate.mix.cc == 0
+    keys = [key for key, _ in SourcePaths.resolve(params.sources, tmp_path, params.curate.mix).named()]
+    assert keys == [
+        "sources.coco.images",
+        "sources.karpathy.coco",
+        "sources.flickr30k.images",
+        "sources.karpathy.flickr30k",
+        "sources.cifar10.folder",
+        "sources.cifar100.folder",
+        "sources.sugarcrepe.annotations",
+        "sources.sugarcrepe.images",
+    ]
 
 
 def test_a_rule_across_sections_prints_each_problem_once_without_the_whole_file():
@@ -413,8 +471,23 @@ def test_params_check_names_every_raw_input_that_is_not_there(tmp_path):
         for key in ("pretrained", "weights"):
             if key in raw[section]:
                 raw[section][key] = str(REPO / raw[section][key])
-    raw["sources"]["cc"]["shards"] = "data/raw/cc"  # outside demo/raw: nothing makes it
-    raw["sources"]["imagenet"]["val"] = "data/raw/imagenet/val"
+    # The sources under data/raw (nothing makes them): all there but CC's shards and ImageNet.
+    raw["sources"] = yaml.safe_load(yaml.safe_dump(raw["sources"]).replace("demo/raw", "data/raw"))
+    src = raw["sources"]
+    for folder in (
+        src["coco"]["images"],
+        src["flickr30k"]["images"],
+        src["cifar10"]["folder"],
+        src["cifar100"]["folder"],
+        src["sugarcrepe"]["annotations"],
+        src["sugarcrepe"]["images"],
+    ):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    (tmp_path / src["coco"]["train_annotations"]).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / src["coco"]["train_annotations"]).write_text("{}")
+    (tmp_path / src["karpathy"]["folder"]).mkdir(parents=True)
+    for name in ("coco", "flickr30k"):
+        (tmp_path / src["karpathy"]["folder"] / src["karpathy"][name]).write_text("{}")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     result = CliRunner().invoke(app, ["params", "check", str(tmp_path / "params.yaml")])
     assert result.exit_code == 2
@@ -423,7 +496,28 @@ def test_params_check_names_every_raw_input_that_is_not_there(tmp_path):
         f"  sources.cc.shards: {tmp_path / 'data/raw/cc'} does not exist",
         f"  sources.imagenet.val: {tmp_path / 'data/raw/imagenet/val'} does not exist",
     ]
+    # Switched off, neither is needed: CC by a mix of 0 (or null), ImageNet by a null source and
+    # no evaluation of it.
+    raw["curate"]["mix"]["cc"] = None
+    raw["sources"]["imagenet"] = None
+    raw["evaluate"]["datasets"].remove("imagenet")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    off = CliRunner().invoke(app, ["params", "check", str(tmp_path / "params.yaml")])
+    assert off.exit_code == 0, off.output
     (tmp_path / "data/raw/cc").mkdir(parents=True)
     (tmp_path / "data/raw/imagenet/val").mkdir(parents=True)
+    raw = yaml.safe_load(yaml.safe_dump(raw))
+    raw["sources"]["imagenet"] = {"val": "data/raw/imagenet/val"}
+    raw["curate"]["mix"]["cc"] = 1000
+    raw["evaluate"]["datasets"].append("imagenet")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     ok = CliRunner().invoke(app, ["params", "check", str(tmp_path / "params.yaml")])
-    assert ok.exit_code == 0, ok.output  # the demo world's inputs are left to its stage
+    assert ok.exit_code == 0, ok.output
+    # The demo's inputs lie inside world.out: its stage makes them, so none is missing before it.
+    demo = default_raw()
+    for section, key in (("clip", "pretrained"), ("detector", "weights")):
+        demo[section][key] = str(REPO / demo[section][key])
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "params.yaml").write_text(yaml.safe_dump(demo))
+    made = CliRunner().invoke(app, ["params", "check", str(tmp_path / "demo" / "params.yaml")])
+    assert made.exit_code == 0 and not (tmp_path / "demo" / "demo").exists(), made.output

@@ -3,6 +3,7 @@ and on hand-written fixtures in the real formats."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -210,28 +211,29 @@ def test_outputs_are_consistent_webdataset_and_parquet(tiny_world, everything):
         ("val", "coco", world["coco"]["karpathy"]["val"]),
         ("val", "flickr30k", world["flickr30k"]["val"]),
     ):
-        test = pq.read_table(out / split / f"{name}.parquet").to_pylist()
+        test = pq.read_table(out / "eval" / name / f"{split}.parquet").to_pylist()
         assert len(test) == n == metrics[split][name]["images"] > 0
-        assert all(len(t["captions"]) == 5 and t["shard"].startswith(f"{split}/{name}/") for t in test)
-        shard = samples(out / split / name)
+        assert all(len(t["captions"]) == 5 and t["shard"].startswith(f"eval/{name}/{split}/") for t in test)
+        shard = samples(out / "eval" / name / split)
         assert set(shard) == {t["key"] for t in test}
         assert json.loads(shard[test[0]["key"]]["json"])["captions"] == test[0]["captions"]
         assert shard[test[0]["key"]]["txt"].decode().split("\n") == test[0]["captions"]
     # The val and test sets share no image.
     for name in ("coco", "flickr30k"):
         ids = [
-            {t["id"] for t in pq.read_table(out / s / f"{name}.parquet").to_pylist()} for s in ("val", "test")
+            {t["id"] for t in pq.read_table(out / "eval" / name / f"{s}.parquet").to_pylist()}
+            for s in ("val", "test")
         ]
         assert not ids[0] & ids[1]
     # Zero-shot sets, with class names and a label per sample.
     for name, classes in (("imagenet", 100), ("cifar10", 10), ("cifar100", 100)):
-        names = json.loads((out / "zeroshot" / f"{name}.json").read_text())["classnames"]
-        table = pq.read_table(out / "zeroshot" / f"{name}.parquet").to_pylist()
+        names = (out / "eval" / name / "classnames.txt").read_text().splitlines()
+        table = pq.read_table(out / "eval" / name / "test.parquet").to_pylist()
         assert len(names) == classes == metrics["zeroshot"][name]["classes"]
         assert len(table) == metrics["zeroshot"][name]["images"] > 0
-        s = samples(out / "zeroshot" / name)[table[0]["key"]]
+        s = samples(out / "eval" / name / "test")[table[0]["key"]]
         assert int(s["cls"]) == table[0]["label"] == json.loads(s["json"])["label"]
-    cifar = samples(out / "zeroshot" / "cifar10")
+    cifar = samples(out / "eval" / "cifar10" / "test")
     assert all(decode(s["png"]).size == (32, 32) for s in cifar.values())
     # Nothing else is left in the output: no spill file, no temporary names.
     assert not [p for p in out.rglob(".*")]
@@ -469,10 +471,10 @@ def test_a_malformed_annotation_file_names_the_file_and_key(tiny_world, tmp_path
 def test_the_stage_names_each_missing_raw_input(tmp_path):
     from stages.curate import run as stage_run
 
-    (tmp_path / "params.yaml").write_text("sources:\n  cc:\n    shards: nowhere/cc\n")
+    (tmp_path / "params.yaml").write_text("sources:\n  cc:\n    shards: demo/raw/nowhere/cc\n")
     with pytest.raises(ParamsError) as err:
         stage_run(tmp_path / "params.yaml", progress=False)
-    assert "sources.cc.shards: " in str(err.value) and "nowhere/cc does not exist" in str(err.value)
+    assert "sources.cc.shards: " in str(err.value) and "demo/raw/nowhere/cc does not exist" in str(err.value)
     assert "sources.karpathy.coco: " in str(err.value)
 
 
@@ -483,6 +485,7 @@ def test_the_stage_refuses_a_caption_limit_beyond_the_models_context(tiny_world,
 
     p = paths_for(tiny_world)
     sources = {
+        "root": str(tiny_world),
         "coco": {
             "images": str(p.coco_images),
             "train_annotations": str(p.coco_train_annotations),
@@ -600,13 +603,79 @@ def test_clip_benchmark_files_give_the_same_test_sets_as_karpathys_json(
     # The same images, captions and bytes; only the order differs (CLIP_benchmark's COCO file
     # lists images by id).
     for name in ("coco", "flickr30k"):
-        a, b = samples(out / "test" / name), samples(other / "test" / name)
+        a, b = samples(out / "eval" / name / "test"), samples(other / "eval" / name / "test")
         assert a and a == b
 
         def by_key(root):
             return sorted((r["key"], r["id"], r["captions"]) for r in pq.read_table(root).to_pylist())
 
-        assert by_key(out / "test" / f"{name}.parquet") == by_key(other / "test" / f"{name}.parquet")
+        assert by_key(out / "eval" / name / "test.parquet") == by_key(other / "eval" / name / "test.parquet")
+
+
+def test_sources_switched_off_are_not_read_built_or_reported(tiny_world, tmp_path, tokens):
+    """CC, ImageNet, CIFAR-100 and the probe off, COCO training off (its val and test stay): their
+    inputs are not read (SourcePaths.resolve gives None for them: tests/test_config.py), and
+    nothing is built or counted for them."""
+    count, context = tokens
+    paths = dataclasses.replace(
+        paths_for(tiny_world),
+        coco_train_annotations=None,
+        cc_shards=None,
+        imagenet_val=None,
+        cifar100=None,
+        sugarcrepe_annotations=None,
+        sugarcrepe_images=None,
+    )
+    out = tmp_path / "curated"
+    metrics = run_curate(settings(0, 6, 0), paths, out, count, context)
+    built = json.loads((out / "eval" / "sets.json").read_text())
+    assert built == {"coco": ["val", "test"], "flickr30k": ["val", "test"], "cifar10": ["test"]}
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["cifar10", "coco", "flickr30k", "sets.json"]
+    assert set(metrics["train"]) == {"flickr30k", "total"} and metrics["train"]["total"]["pairs"] == 6
+    assert set(metrics["zeroshot"]) == {"cifar10"} and metrics["probe"] == {}
+    assert set(metrics["val"]) == set(metrics["test"]) == {"coco", "flickr30k"}
+    assert {r["source"] for r in rejects(out)} <= {
+        "flickr30k",
+        "coco_val",
+        "coco_test",
+        "flickr30k_val",
+        "flickr30k_test",
+        "cifar10",
+    }
+    assert {r["source"] for r in manifest(out)} == {"flickr30k"}
+
+
+def test_the_evaluation_sets_are_in_clip_benchmark_s_webdataset_layout(everything):
+    """What CLIP_benchmark's `wds/` loader reads: <set>/<split>/nshards.txt and 0.tar … n-1.tar;
+    dataset_type.txt "retrieval" beside a retrieval set; classnames.txt and the template file
+    beside a zero-shot set (tests/test_evaluate.py runs the loader itself on them)."""
+    out, metrics = everything
+    eval_dir = out / "eval"
+    built = json.loads((eval_dir / "sets.json").read_text())
+    assert built == {
+        "coco": ["val", "test"],
+        "flickr30k": ["val", "test"],
+        "imagenet": ["test"],
+        "cifar10": ["test"],
+        "cifar100": ["test"],
+        "sugarcrepe": ["test"],
+    }
+    for name, splits in built.items():
+        for split in splits:
+            n = int((eval_dir / name / split / "nshards.txt").read_text())
+            assert sorted(p.name for p in (eval_dir / name / split).iterdir()) == sorted(
+                ["nshards.txt", *(f"{i}.tar" for i in range(n))]
+            )
+            rows = pq.read_table(eval_dir / name / f"{split}.parquet").to_pylist()
+            assert {r["shard"] for r in rows} == {f"eval/{name}/{split}/{i}.tar" for i in range(n)}
+    for name in ("coco", "flickr30k"):
+        assert (eval_dir / name / "dataset_type.txt").read_text() == "retrieval\n"
+    for name in ("imagenet", "cifar10", "cifar100"):
+        assert not (eval_dir / name / "dataset_type.txt").exists()  # CLIP_benchmark: classification
+        classnames = (eval_dir / name / "classnames.txt").read_text().splitlines()
+        assert len(classnames) == metrics["zeroshot"][name]["classes"]
+        template = (eval_dir / name / "zeroshot_classification_templates.txt").read_text()
+        assert template == "This is a photo of a {c}\n"
 
 
 def test_an_image_only_clip_benchmarks_file_calls_test_is_held_out_of_training(tiny_world, tmp_path, tokens):
@@ -628,7 +697,7 @@ def test_an_image_only_clip_benchmarks_file_calls_test_is_held_out_of_training(t
     assert str(extra.cocoid) not in {r["id"] for r in manifest(out)}
     refused = {(r["source"], r["id"]): r for r in rejects(out)}
     assert refused[("coco", str(extra.cocoid))]["reason"] == "heldout_id"
-    test_ids = [r["id"] for r in pq.read_table(out / "test" / "coco.parquet").to_pylist()]
+    test_ids = [r["id"] for r in pq.read_table(out / "eval" / "coco" / "test.parquet").to_pylist()]
     assert str(extra.cocoid) in test_ids and len(test_ids) == len(doc["images"])
     assert metrics["test"]["coco"]["listed"] == len(doc["images"])
 
@@ -657,11 +726,11 @@ def test_the_probe_images_come_in_once_each_with_every_item(tiny_world, everythi
 
     out, metrics = everything
     items = read_sugarcrepe(tiny_world / "sugarcrepe")
-    rows = pq.read_table(out / "probe" / "sugarcrepe.parquet").to_pylist()
+    rows = pq.read_table(out / "eval" / "sugarcrepe" / "test.parquet").to_pylist()
     assert [(r["category"], r["index"], r["caption"], r["negative_caption"]) for r in rows] == [
         (i.category, i.index, i.caption, i.negative_caption) for i in items
     ]
-    images = samples(out / "probe" / "sugarcrepe")
+    images = samples(out / "eval" / "sugarcrepe" / "test")
     assert set(images) == {r["key"] for r in rows}
     assert len(images) == len({i.filename for i in items}) == metrics["probe"]["sugarcrepe"]["images"]
     by_name = {json.loads(s["json"])["id"]: k for k, s in images.items()}

@@ -22,7 +22,7 @@ from pipeline.demo.clip_training import CLIP_MODEL
 from pipeline.demo.pretrain import generate_pretrain_split, split_jobs
 from pipeline.demo.world.captions import captions as describe
 from pipeline.demo.world.paint import PRETRAIN, Job, make_sample
-from pipeline.evaluate import SINGLE_PROMPT
+from pipeline.evalsets import SINGLE_PROMPT
 from pipeline.models.clip import create, save_checkpoint
 from stages import demo_models as stage
 

@@ -77,7 +77,7 @@ def manifest(project: Path, path: str) -> list[dict]:
 def test_image_embeddings_follow_the_manifest_whatever_the_workers(project, demo_clip):
     net, preprocess, _ = demo_clip
     curated = project / "data" / "curated"
-    rows = manifest(project, "zeroshot/imagenet.parquet")
+    rows = manifest(project, "eval/imagenet/test.parquet")
     keys, shards = [r["key"] for r in rows], [r["shard"] for r in rows]
     # Listed in another order than the shards hold them.
     keys, shards = keys[::-1], shards[::-1]
@@ -132,10 +132,10 @@ def test_metrics_of_every_set(project, demo_clip):
     curated = project / "data" / "curated"
     result = evaluate(encoder(demo_clip), curated, ALL_SETS, "single")
     for name, path in (
-        ("coco", "test/coco.parquet"),
-        ("flickr30k", "test/flickr30k.parquet"),
-        ("coco_val", "val/coco.parquet"),
-        ("flickr30k_val", "val/flickr30k.parquet"),
+        ("coco", "eval/coco/test.parquet"),
+        ("flickr30k", "eval/flickr30k/test.parquet"),
+        ("coco_val", "eval/coco/val.parquet"),
+        ("flickr30k_val", "eval/flickr30k/val.parquet"),
     ):
         rows = manifest(project, path)
         got = result.metrics["retrieval"][name]
@@ -154,9 +154,9 @@ def test_metrics_of_every_set(project, demo_clip):
         assert got["text_to_image"]["mAP"] == got["text_to_image"]["MRR"]
         assert got["chance"]["text_to_image"]["R@1"] == round(1 / n_img, 4)
     for name in ("imagenet", "cifar10", "cifar100"):
-        n_classes = len(json.loads((curated / "zeroshot" / f"{name}.json").read_text())["classnames"])
+        n_classes = len((curated / "eval" / name / "classnames.txt").read_text().splitlines())
         got = result.metrics["zeroshot"][name]
-        assert got["images"] == len(manifest(project, f"zeroshot/{name}.parquet"))
+        assert got["images"] == len(manifest(project, f"eval/{name}/test.parquet"))
         assert (got["classes"], got["templates"]) == (n_classes, 1)
         assert 0 <= got["top1"] <= got["top5"] <= 1
         assert got["chance"] == {
@@ -164,7 +164,7 @@ def test_metrics_of_every_set(project, demo_clip):
             "top5": round(min(5, n_classes) / n_classes, 4),
         }
     probe = result.metrics["probe"]["sugarcrepe"]
-    rows = manifest(project, "probe/sugarcrepe.parquet")
+    rows = manifest(project, "eval/sugarcrepe/test.parquet")
     assert probe["images"] == len({r["key"] for r in rows}) and sum(probe["items"].values()) == len(rows)
     assert set(probe["accuracy"]) == {*probe["items"], "mean"} and probe["chance"] == 0.5
     assert probe["accuracy"]["mean"] == pytest.approx(
@@ -205,7 +205,7 @@ def test_the_probe_scores_each_item_with_its_own_image(project, demo_clip):
     curated = project / "data" / "curated"
     enc = encoder(demo_clip)
     got, queries = probe(enc, curated, "sugarcrepe")
-    rows = manifest(project, "probe/sugarcrepe.parquet")
+    rows = manifest(project, "eval/sugarcrepe/test.parquet")
     keys = list(dict.fromkeys(r["key"] for r in rows))
     shards = {r["key"]: r["shard"] for r in rows}
     img = dict(zip(keys, enc.images(curated, keys, [shards[k] for k in keys])))
@@ -249,20 +249,30 @@ def test_openai_prompts_average_80_templates(project, demo_clip):
 
 
 def copy_curated(project: Path, tmp_path: Path) -> Path:
+    """The curated CIFAR-10 set and the index of every set built; the others' files are not there."""
     out = tmp_path / "curated"
-    shutil.copytree(project / "data" / "curated" / "zeroshot", out / "zeroshot")
+    shutil.copytree(project / "data" / "curated" / "eval" / "cifar10", out / "eval" / "cifar10")
+    shutil.copy(project / "data" / "curated" / "eval" / "sets.json", out / "eval" / "sets.json")
     return out
 
 
 def test_a_missing_set_is_named(project, demo_clip, tmp_path):
     curated = copy_curated(project, tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"test/coco\.parquet"):
+    with pytest.raises(FileNotFoundError, match=r"eval/coco/test\.parquet"):
         evaluate(encoder(demo_clip), curated, ["cifar10", "coco"], "single")
+
+
+def test_a_set_curate_did_not_build_is_named_with_the_reason(project, demo_clip, tmp_path):
+    curated = copy_curated(project, tmp_path)
+    (curated / "eval" / "sets.json").write_text(json.dumps({"cifar10": ["test"]}))
+    with pytest.raises(FileNotFoundError) as err:
+        evaluate(encoder(demo_clip), curated, ["cifar10", "imagenet", "coco_val"], "single")
+    assert "curate did not build imagenet, coco_val (its source is switched off" in str(err.value)
 
 
 def test_shards_and_manifest_must_agree(project, demo_clip, tmp_path):
     curated = copy_curated(project, tmp_path)
-    rows = manifest(project, "zeroshot/cifar10.parquet")
+    rows = manifest(project, "eval/cifar10/test.parquet")
     keys, shards = [r["key"] for r in rows], [r["shard"] for r in rows]
     enc = encoder(demo_clip)
     with pytest.raises(ValueError, match="not in the set's manifest"):
@@ -270,11 +280,11 @@ def test_shards_and_manifest_must_agree(project, demo_clip, tmp_path):
     with pytest.raises(ValueError, match="1 manifest key"):
         enc.images(curated, [*keys, "cifar10-99999"], [*shards, shards[0]])
     # A shard sample without an image.
-    folder = curated / "zeroshot" / "broken"
+    folder = curated / "eval" / "broken" / "test"
     with ShardWriter(folder, max_count=10) as w:
         w.write("x-1", {"cls": "0"})
     with pytest.raises(ValueError, match="has no image"):
-        enc.images(curated, ["x-1"], ["zeroshot/broken/00000.tar"])
+        enc.images(curated, ["x-1"], ["eval/broken/test/00000.tar"])
 
 
 # --- the stages ----------------------------------------------------------------------------------
@@ -374,33 +384,33 @@ def test_bad_evaluate_params_are_named(value, expected):
     assert expected in str(err.value)
 
 
+def clip_benchmark_loader(curated: Path, name: str, split: str, preprocess, task: str):
+    """CLIP_benchmark's own `wds/` dataset over a curated set, batched as its CLI batches one."""
+    from clip_benchmark.datasets.builder import build_dataset
+    from torch.utils.data import DataLoader
+
+    root = str(curated / "eval" / name)
+    dataset = build_dataset(f"wds/{name}", root=root, transform=preprocess, split=split, task=task)
+    return dataset, DataLoader(dataset.batched(64), batch_size=None, shuffle=False, num_workers=0)
+
+
 def test_the_clip_benchmark_figures_are_what_clip_benchmark_s_own_evaluation_gives(project, demo_clip):
-    """CLIP_benchmark's `zeroshot_retrieval.evaluate` (a dev dependency), fed the curated COCO and
-    Flickr30k test sets through a DataLoader of (image, its captions), as its own datasets are:
+    """CLIP_benchmark's `zeroshot_retrieval.evaluate` (a dev dependency), reading the curated COCO
+    and Flickr30k test sets through its own `wds/` loader (the layout is its WebDataset layout):
     its R@k equal the evaluate stage's `clip_benchmark` figures, both ways. The project's own R@k
     count ties against the model and may only be lower."""
     from clip_benchmark.metrics import zeroshot_retrieval
-    from torch.utils.data import DataLoader
-
-    from pipeline.evaluate import ShardImages, retrieval_manifest
 
     net, preprocess, tokenizer = demo_clip
     curated = project / "data" / "curated"
     ours = evaluate(encoder(demo_clip, batch_size=256), curated, ["coco", "flickr30k"], "single").metrics
     for name in ("coco", "flickr30k"):
-        rows = pq.read_table(retrieval_manifest(curated, name)).to_pylist()
-        index = {r["key"]: i for i, r in enumerate(rows)}
-        pixels = dict(ShardImages(curated, list(dict.fromkeys(r["shard"] for r in rows)), index, preprocess))
-        pairs = [(pixels[i], r["captions"]) for i, r in enumerate(rows)]
-        loader = DataLoader(
-            pairs,
-            batch_size=len(pairs),
-            collate_fn=lambda b: (torch.stack([x for x, _ in b]), [t for _, t in b]),
-        )
+        _, loader = clip_benchmark_loader(curated, name, "test", preprocess, "zeroshot_retrieval")
         theirs = zeroshot_retrieval.evaluate(
             net, loader, tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10]
         )
         got = ours["retrieval"][name]
+        assert got["images"] > 0
         for k in (1, 5, 10):
             assert got["text_to_image"]["clip_benchmark"][f"R@{k}"] == round(
                 theirs[f"image_retrieval_recall@{k}"], 4
@@ -410,3 +420,30 @@ def test_the_clip_benchmark_figures_are_what_clip_benchmark_s_own_evaluation_giv
             )
             for direction in ("text_to_image", "image_to_text"):
                 assert got[direction][f"R@{k}"] <= got[direction]["clip_benchmark"][f"R@{k}"]
+
+
+def test_zero_shot_figures_are_what_clip_benchmark_gives_from_its_own_loader(project, demo_clip):
+    """CLIP_benchmark's zero-shot classifier and classification run on the curated zero-shot
+    sets, read by its `wds/` loader with the class names and template file curate wrote beside
+    them: the same top-1, top-5 and mean per-class recall (its balanced accuracy) as the evaluate
+    stage with the paper's single prompt. (Its `evaluate` itself cannot run here: its `accuracy`
+    calls float() on a one-element array, which numpy 2 refuses; top-k is counted from its logits.)"""
+    from clip_benchmark.metrics import zeroshot_classification as cb
+    from sklearn.metrics import balanced_accuracy_score
+
+    net, preprocess, tokenizer = demo_clip
+    curated = project / "data" / "curated"
+    ours = evaluate(encoder(demo_clip), curated, ["imagenet", "cifar10"], "single").metrics["zeroshot"]
+    for name in ("imagenet", "cifar10"):
+        dataset, loader = clip_benchmark_loader(curated, name, "test", preprocess, "zeroshot_classification")
+        assert dataset.templates == [SINGLE_PROMPT.format("{c}")]
+        classifier = cb.zero_shot_classifier(
+            net, tokenizer, dataset.classes, dataset.templates, "cpu", amp=False
+        )
+        logits, target = cb.run_classification(net, classifier, loader, "cpu", amp=False)
+        top = logits.topk(5, dim=1).indices
+        assert len(target) == ours[name]["images"]
+        assert ours[name]["top1"] == round((top[:, 0] == target).float().mean().item(), 4)
+        assert ours[name]["top5"] == round((top == target[:, None]).any(1).float().mean().item(), 4)
+        balanced = balanced_accuracy_score(target.numpy(), logits.argmax(1).numpy())
+        assert ours[name]["mean_per_class_recall"] == round(float(balanced), 4)

@@ -147,3 +147,22 @@ def test_atomic_file_replaces_on_success_and_leaves_nothing_on_failure(tmp_path)
         tmp.write_text("half")
         raise RuntimeError("killed")
     assert path.read_text() == "whole" and sorted(p.name for p in path.parent.iterdir()) == ["out.txt"]
+
+
+def test_atomic_torch_save_bytes_do_not_depend_on_the_file_name_and_load_back(tmp_path):
+    import io
+
+    import torch
+
+    from pipeline.files import atomic_torch_save
+
+    obj = {"w": torch.arange(6, dtype=torch.float16).reshape(2, 3), "epoch": 3}
+    atomic_torch_save(obj, tmp_path / "a.pt")
+    atomic_torch_save(obj, tmp_path / "sub" / "student-other-name.pt")
+    reference = io.BytesIO()
+    torch.save(obj, reference)  # a file object: torch names the archive "archive"
+    a = (tmp_path / "a.pt").read_bytes()
+    assert a == (tmp_path / "sub" / "student-other-name.pt").read_bytes() == reference.getvalue()
+    back = torch.load(tmp_path / "a.pt")
+    assert back["epoch"] == 3 and torch.equal(back["w"], obj["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "sub"]  # no temporary left

@@ -6,12 +6,18 @@ Output folder (written under a temporary name and renamed when complete):
 
     train/00000.tar …      WebDataset: <key>.jpg, <key>.txt (caption), <key>.json (metadata)
     train.parquet          one row per training pair: key, shard, source, id, caption, …
-    val/coco/*.tar, val/coco.parquet             Karpathy val: every caption of every image;
-    val/flickr30k/*.tar, val/flickr30k.parquet   where every choice is made (never on test)
-    test/coco/*.tar, test/coco.parquet           Karpathy test: the same layout; the readout
-    test/flickr30k/*.tar, test/flickr30k.parquet
-    zeroshot/{imagenet,cifar10,cifar100}/*.tar, zeroshot/<name>.parquet, zeroshot/<name>.json
+    eval/                  the evaluation sets, in CLIP_benchmark's WebDataset layout
+                           (pipeline/evalsets.py); eval/sets.json lists those built:
+      coco/val/0.tar …, coco/val.parquet        Karpathy val: every caption of every image;
+      flickr30k/val/…, flickr30k/val.parquet    where every choice is made (never on test)
+      coco/test/…, coco/test.parquet            Karpathy test: the same layout; the readout
+      flickr30k/test/…, flickr30k/test.parquet
+      {imagenet,cifar10,cifar100}/test/…, <name>/test.parquet, <name>/classnames.txt
+      sugarcrepe/test/…, sugarcrepe/test.parquet   the probe's images and items
     rejects.parquet        everything refused or excluded: source, id, reason, detail
+
+A source the params switch off (null; for a training-only input, a mix of 0) is not read, and
+nothing is built from it.
 
 The leakage guard. Every image of the Karpathy val and test splits of COCO and Flickr30k is kept
 out of training three ways: by COCO id (training candidates come from COCO's train2017 captions,
@@ -30,7 +36,7 @@ every training shard mixes the sources.
 
 Modules, by job: settings (what decides the outputs), paths (where the raw data is), keys (ranks,
 keys and caption draws), decode (worker processes and the spill file), selection (the training
-selection), heldout (the Karpathy val and test sets and the hashes that guard them), evalsets (the
+selection), heldout (the Karpathy val and test sets and the hashes that guard them), zeroshot_probe (the
 probe and the zero-shot sets), tables (output schemas and the rejects ledger), run (the whole stage).
 """
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline import images
+from pipeline import evalsets, images
 from pipeline.captions import clean_caption
 from pipeline.curate.decode import Decoder, prepare
 from pipeline.curate.keys import KeyRegistry, key_stem
@@ -104,7 +104,8 @@ def write_heldout(
     progress: bool,
 ) -> dict[str, dict[str, Any]]:
     """Decode every held-out image, hash it (the leakage guard) and write it with every caption:
-    Karpathy val to val/<name>/ (where choices are made) and test to test/<name>/ (the readout).
+    Karpathy val to eval/<name>/val/ (where choices are made), test to eval/<name>/test/ (the
+    readout), in CLIP_benchmark's layout for retrieval (pipeline/evalsets.py).
     Returns each split's counts."""
     return {
         split: _write_eval_split(
@@ -137,7 +138,8 @@ def _write_eval_split(
             yield (h, cleaned, captions), (str(h.path) if h.path is not None else None)
 
     rows, n_captions = [], 0
-    with ShardWriter(out / split / name, max_count=cfg.shard_size) as writer:
+    folder = evalsets.shard_dir(out, name, split)
+    with ShardWriter(folder, max_count=cfg.shard_size, pattern=evalsets.SHARD_PATTERN) as writer:
         for (h, cleaned, captions), result in tqdm(
             decoder.map(prep, jobs()),
             total=len(items),
@@ -175,7 +177,7 @@ def _write_eval_split(
             rows.append(
                 {
                     "key": key,
-                    "shard": f"{split}/{name}/{shard}",
+                    "shard": evalsets.shard_path(name, split, shard),
                     "id": h.id,
                     "captions": captions,
                     "width": result.width,
@@ -183,7 +185,10 @@ def _write_eval_split(
                 }
             )
             n_captions += len(captions)
-    write_table(out / split / f"{name}.parquet", rows, TEST_SCHEMA)
+        shards = writer.close()
+    evalsets.write_shard_count(folder, shards)
+    (evalsets.set_dir(out, name) / evalsets.DATASET_TYPE).write_text("retrieval\n", encoding="utf-8")
+    write_table(evalsets.set_dir(out, name) / f"{split}.parquet", rows, TEST_SCHEMA)
     return {
         "images": len(rows),
         "captions": n_captions,

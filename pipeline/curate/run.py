@@ -9,9 +9,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pipeline import evalsets
 from pipeline.captions import TokenCounter
 from pipeline.curate.decode import Decoder, Spill, prepare
-from pipeline.curate.evalsets import write_cifar, write_imagenet, write_probe
 from pipeline.curate.heldout import (
     coco_test_file,
     flickr_test_file,
@@ -25,6 +25,7 @@ from pipeline.curate.paths import SourcePaths
 from pipeline.curate.selection import Candidate, Selection, SourceStats, select_cc, select_listed
 from pipeline.curate.settings import Settings
 from pipeline.curate.tables import REJECTS_SCHEMA, TRAIN_SCHEMA, TRAIN_SOURCES, Ledger
+from pipeline.curate.zeroshot_probe import write_cifar, write_imagenet, write_probe
 from pipeline.files import atomic_dir
 from pipeline.shards import ShardWriter
 from pipeline.sources import (
@@ -114,33 +115,50 @@ def _curate(
         stats={s: SourceStats(asked=mix[s]) for s in TRAIN_SOURCES},
     )
     prep = partial(prepare, size=cfg.image_size, quality=cfg.jpeg_quality)
-    # Raw annotations first: a malformed file fails the run before any decoding.
-    coco_index = index_images(paths.coco_images)
-    coco_heldout_ids, coco_heldout = read_coco_heldout(paths.coco_karpathy, coco_index)
-    flickr_all, flickr_heldout = read_flickr_heldout(paths.flickr30k_karpathy, paths.flickr30k_images)
+    # Raw annotations first: a malformed file fails the run before any decoding. A source the
+    # params switch off has no paths here (None) and is not read.
+    coco_index = index_images(paths.coco_images) if paths.coco_images is not None else {}
+    coco_heldout_ids: set[int] = set()
+    coco_heldout: list = []
+    if paths.coco_karpathy is not None:
+        coco_heldout_ids, coco_heldout = read_coco_heldout(paths.coco_karpathy, coco_index)
+    flickr_all: list = []
+    flickr_heldout: list = []
+    if paths.flickr30k_karpathy is not None and paths.flickr30k_images is not None:
+        flickr_all, flickr_heldout = read_flickr_heldout(paths.flickr30k_karpathy, paths.flickr30k_images)
     if paths.coco_test is not None:
         coco_heldout = replace_test(coco_heldout, coco_test_file(paths.coco_test, coco_index))
         coco_heldout_ids |= {int(h.id) for h in coco_heldout}
-    if paths.flickr30k_test is not None:
+    if paths.flickr30k_test is not None and paths.flickr30k_images is not None:
         flickr_heldout = replace_test(
             flickr_heldout, flickr_test_file(paths.flickr30k_test, paths.flickr30k_images)
         )
     flickr_out = {h.id: h.split for h in flickr_heldout}
-    coco_train = read_captions(paths.coco_train_annotations)
-    probe_items = read_sugarcrepe(paths.sugarcrepe_annotations)
+    coco_train = read_captions(paths.coco_train_annotations) if paths.coco_train_annotations else {}
+    probe_items = read_sugarcrepe(paths.sugarcrepe_annotations) if paths.sugarcrepe_annotations else None
+    built: dict[str, list[str]] = {}  # eval/sets.json: the evaluation sets written, and their splits
+    val: dict[str, dict] = {}
+    test: dict[str, dict] = {}
+    probe: dict[str, dict] = {}
     with Decoder(workers) as decoder:
-        heldout = {
-            "coco": write_heldout("coco", coco_heldout, tmp, decoder, cfg, sel, progress),
-            "flickr30k": write_heldout("flickr30k", flickr_heldout, tmp, decoder, cfg, sel, progress),
-        }
-        val = {name: splits["val"] for name, splits in heldout.items()}
-        test = {name: splits["test"] for name, splits in heldout.items()}
-        # Which file each set came from: Karpathy's JSON or CLIP_benchmark's (test only).
-        val["coco"]["annotations"] = paths.coco_karpathy.name
-        val["flickr30k"]["annotations"] = paths.flickr30k_karpathy.name
-        test["coco"]["annotations"] = (paths.coco_test or paths.coco_karpathy).name
-        test["flickr30k"]["annotations"] = (paths.flickr30k_test or paths.flickr30k_karpathy).name
-        probe = write_probe(probe_items, paths.sugarcrepe_images, tmp, decoder, cfg, sel, progress)
+        retrieval = (
+            ("coco", coco_heldout, paths.coco_karpathy, paths.coco_test),
+            ("flickr30k", flickr_heldout, paths.flickr30k_karpathy, paths.flickr30k_test),
+        )
+        for name, items, karpathy_file, test_file in retrieval:
+            if karpathy_file is None:  # switched off
+                continue
+            splits = write_heldout(name, items, tmp, decoder, cfg, sel, progress)
+            val[name], test[name] = splits["val"], splits["test"]
+            # Which file each set came from: Karpathy's JSON or CLIP_benchmark's (test only).
+            val[name]["annotations"] = karpathy_file.name
+            test[name]["annotations"] = (test_file or karpathy_file).name
+            built[name] = ["val", "test"]
+        if probe_items is not None and paths.sugarcrepe_images is not None:
+            probe["sugarcrepe"] = write_probe(
+                probe_items, paths.sugarcrepe_images, tmp, decoder, cfg, sel, progress
+            )
+            built["sugarcrepe"] = ["test"]
         # COCO: train2017 (or train2014) captions, Karpathy val/test ids out.
         split_of = {int(h.id): h.split for h in coco_heldout}
         ranked = []
@@ -162,6 +180,7 @@ def _curate(
                 split = im.split if im.split in ("val", "test") else flickr_out[im.filename]
                 ledger.refuse("flickr30k", im.filename, "heldout_filename", f"Karpathy {split} image")
                 continue
+            assert paths.flickr30k_images is not None  # flickr_all is read from it
             cand = Candidate("flickr30k", im.filename, key_stem(im.filename), im.captions)
             ranked.append(
                 (rank(cfg.seed, "flickr30k", im.filename), cand, paths.flickr30k_images / im.filename)
@@ -170,14 +189,20 @@ def _curate(
         ranked.sort(key=lambda t: t[0])
         select_listed(sel, decoder, prep, [(c, p) for _, c, p in ranked], progress)
         # Conceptual Captions: streamed.
-        select_cc(sel, decoder, prep, paths.cc_shards, progress)
+        if paths.cc_shards is not None:
+            select_cc(sel, decoder, prep, paths.cc_shards, progress)
         _check_empty_sources(sel, paths, cfg.allow_empty_source)
         train_shards = _write_train(sel, tmp, cfg.shard_size, progress)
-        zeroshot = {"imagenet": write_imagenet(paths, decoder, cfg, tmp, ledger, progress)}
-    zeroshot["cifar10"] = write_cifar("cifar10", paths.cifar10, cfg, tmp, ledger, progress)
-    zeroshot["cifar100"] = write_cifar("cifar100", paths.cifar100, cfg, tmp, ledger, progress)
+        zeroshot = {}
+        if paths.imagenet_val is not None:
+            zeroshot["imagenet"] = write_imagenet(paths.imagenet_val, decoder, cfg, tmp, ledger, progress)
+    for name, folder in (("cifar10", paths.cifar10), ("cifar100", paths.cifar100)):
+        if folder is not None:
+            zeroshot[name] = write_cifar(name, folder, cfg, tmp, ledger, progress)
+    built.update({name: ["test"] for name in zeroshot})
+    evalsets.write_built(tmp, built)
     write_table(tmp / "rejects.parquet", ledger.table(), REJECTS_SCHEMA)
-    return {**_metrics(sel, ledger, val, test, zeroshot, train_shards), "probe": {"sugarcrepe": probe}}
+    return {**_metrics(sel, ledger, val, test, zeroshot, train_shards), "probe": probe}
 
 
 def _check_empty_sources(sel: Selection, paths: SourcePaths, allow: bool) -> None:
@@ -205,6 +230,8 @@ def _metrics(
     train: dict[str, Any] = {}
     for source in TRAIN_SOURCES:
         st = sel.stats[source]
+        if st.asked == 0:  # switched off: not reported
+            continue
         excluded, rejected = ledger.split(source)
         train[source] = {
             "asked": st.asked,

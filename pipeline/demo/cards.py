@@ -28,7 +28,8 @@ from pipeline.demo.pretrain import split_jobs
 from pipeline.demo.world.paint import WEB, Job, Painter, Sample
 from pipeline.demo.world.scene import SHAPES
 from pipeline.demo.world.zeroshot import COLOUR_SHAPE_CLASSES
-from pipeline.evaluate import RECALL_KS, SINGLE_PROMPT, TOP_KS, SetEncoder
+from pipeline.evalsets import SINGLE_PROMPT
+from pipeline.evaluate import RECALL_KS, TOP_KS, SetEncoder
 from pipeline.models.clip import Encoder
 
 METRICS = (

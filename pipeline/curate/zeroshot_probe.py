@@ -1,9 +1,9 @@
-"""The other evaluation sets: the compositional probe (SugarCrepe) and the zero-shot sets."""
+"""The other evaluation sets: the compositional probe (SugarCrepe) and the zero-shot sets, in
+CLIP_benchmark's layout (pipeline/evalsets.py)."""
 
 from __future__ import annotations
 
 import io
-import json
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
@@ -13,9 +13,9 @@ from typing import Any, Literal, cast
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline import evalsets
 from pipeline.curate.decode import Decoder, prepare
 from pipeline.curate.keys import KeyRegistry
-from pipeline.curate.paths import SourcePaths
 from pipeline.curate.selection import Selection
 from pipeline.curate.settings import Settings
 from pipeline.curate.tables import PROBE_SCHEMA, ZEROSHOT_SCHEMA, Ledger
@@ -47,7 +47,8 @@ def write_probe(
     prep = partial(prepare, size=cfg.image_size, quality=cfg.jpeg_quality)
     jobs = ((name, str(folder / name) if (folder / name).is_file() else None) for name in names)
     where: dict[str, tuple[str, str]] = {}
-    with ShardWriter(out / "probe" / "sugarcrepe", max_count=cfg.shard_size) as writer:
+    folder_out = evalsets.shard_dir(out, "sugarcrepe", "test")
+    with ShardWriter(folder_out, max_count=cfg.shard_size, pattern=evalsets.SHARD_PATTERN) as writer:
         for name, result in tqdm(
             decoder.map(prep, jobs), total=len(names), desc="sugarcrepe", disable=not progress, leave=False
         ):
@@ -61,7 +62,9 @@ def write_probe(
             key = keys.key("sugarcrepe", name)
             meta = {"source": "sugarcrepe", "id": name, "width": result.width, "height": result.height}
             shard = writer.write(key, {"jpg": result.jpeg, "json": meta})
-            where[name] = (key, f"probe/sugarcrepe/{shard}")
+            where[name] = (key, evalsets.shard_path("sugarcrepe", "test", shard))
+        shards = writer.close()
+    evalsets.write_shard_count(folder_out, shards)
     rows = [
         {
             "category": i.category,
@@ -74,7 +77,7 @@ def write_probe(
         for i in items
         if i.filename in where
     ]
-    write_table(out / "probe" / "sugarcrepe.parquet", rows, PROBE_SCHEMA)
+    write_table(evalsets.manifest(out, "sugarcrepe"), rows, PROBE_SCHEMA)
     return {
         "images": len(where),
         "items": dict(sorted(Counter(r["category"] for r in rows).items())),
@@ -84,11 +87,6 @@ def write_probe(
 
 
 # --- zero-shot sets ---------------------------------------------------------------------------------
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _write_zeroshot(
@@ -103,7 +101,8 @@ def _write_zeroshot(
 ) -> dict[str, Any]:
     """samples: (id, label, (ext, bytes, meta) or Reject) in order."""
     keys, rows = KeyRegistry(), []
-    with ShardWriter(out / "zeroshot" / name, max_count=shard_size) as writer:
+    folder = evalsets.shard_dir(out, name, "test")
+    with ShardWriter(folder, max_count=shard_size, pattern=evalsets.SHARD_PATTERN) as writer:
         for image_id, label, result in tqdm(samples, total=n, desc=name, disable=not progress, leave=False):
             if isinstance(result, Reject):
                 ledger.refuse(name, image_id, result.reason, result.detail)
@@ -112,16 +111,19 @@ def _write_zeroshot(
             key = keys.key(name, image_id)
             meta = {"source": name, "id": image_id, "label": label, "classname": classnames[label], **meta}
             shard = writer.write(key, {ext: data, "cls": str(label), "json": meta})
-            rows.append({"key": key, "shard": f"zeroshot/{name}/{shard}", "id": image_id, "label": label})
-    write_table(out / "zeroshot" / f"{name}.parquet", rows, ZEROSHOT_SCHEMA)
-    _write_json(out / "zeroshot" / f"{name}.json", {"classnames": classnames})
+            path = evalsets.shard_path(name, "test", shard)
+            rows.append({"key": key, "shard": path, "id": image_id, "label": label})
+        shards = writer.close()
+    evalsets.write_shard_count(folder, shards)
+    evalsets.write_classnames(evalsets.set_dir(out, name), classnames)
+    write_table(evalsets.manifest(out, name), rows, ZEROSHOT_SCHEMA)
     return {"images": len(rows), "classes": len(classnames), "rejected": ledger.split(name)[1]}
 
 
 def write_imagenet(
-    paths: SourcePaths, decoder: Decoder, cfg: Settings, out: Path, ledger: Ledger, progress: bool
+    folder: Path, decoder: Decoder, cfg: Settings, out: Path, ledger: Ledger, progress: bool
 ) -> dict[str, Any]:
-    classnames, samples = read_imagenet_val(paths.imagenet_val)
+    classnames, samples = read_imagenet_val(folder)
     prep = partial(prepare, size=cfg.image_size, quality=cfg.jpeg_quality)
     jobs = (((f"{p.parent.name}/{p.name}", label), str(p)) for p, label in samples)
 
