@@ -119,42 +119,42 @@ def weights(params: ParamsFile = Path("params.yaml")) -> None:
 @command(app)
 def curate(
     params: ParamsFile = Path("params.yaml"),
-    metrics: Annotated[Path, typer.Option(help="Where the stage's metrics JSON goes.")] = Path(
-        "metrics/curate.json"
+    info: Annotated[Path, typer.Option(help="Where the stage's counts go (a JSON info file).")] = Path(
+        "metrics/info/curate.json"
     ),
 ) -> None:
     """Stage `curate`: training shards from COCO, Flickr30k and CC with the Karpathy val/test
     images kept out; the Karpathy test sets and zero-shot sets as evaluation shards."""
     from stages import curate as stage
 
-    stage.run(params, metrics)
+    stage.run(params, info)
 
 
 @command(app)
 def detect(
     params: ParamsFile = Path("params.yaml"),
-    metrics: Annotated[Path, typer.Option(help="Where the stage's metrics JSON goes.")] = Path(
-        "metrics/detect.json"
+    info: Annotated[Path, typer.Option(help="Where the stage's counts go (a JSON info file).")] = Path(
+        "metrics/info/detect.json"
     ),
 ) -> None:
     """Stage `detect`: YOLO regions of every training image (resumable per shard)."""
     from stages import detect as stage
 
-    stage.run(params, metrics)
+    stage.run(params, info)
 
 
 @command(app)
 def embed(
     params: ParamsFile = Path("params.yaml"),
-    metrics: Annotated[Path, typer.Option(help="Where the stage's metrics JSON goes.")] = Path(
-        "metrics/embed.json"
+    info: Annotated[Path, typer.Option(help="Where the stage's counts go (a JSON info file).")] = Path(
+        "metrics/info/embed.json"
     ),
 ) -> None:
     """Stage `embed`: CLIP embeddings of every training pair (image, regions, caption, tokens,
     region weights) as Parquet tables and teacher-ready shards (resumable per shard)."""
     from stages import embed as stage
 
-    stage.run(params, metrics)
+    stage.run(params, info)
 
 
 @command(app, "train-teacher")

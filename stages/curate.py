@@ -11,9 +11,9 @@ from pipeline.captions import clip_token_counter
 from pipeline.config import Params, load_params, settings
 from pipeline.curate import Settings, SourcePaths, curate
 from pipeline.errors import ParamsError
-from stages.outputs import write_json
+from stages.outputs import info_path, write_json
 
-METRICS = Path("metrics/curate.json")
+INFO = info_path("curate")  # counts only: no figure of the model, so no metrics file
 
 
 def check_raw_inputs(params: Params, params_file: Path, made_by_world: bool) -> None:
@@ -32,7 +32,7 @@ def check_raw_inputs(params: Params, params_file: Path, made_by_world: bool) -> 
         )
 
 
-def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) -> dict:
+def run(params_file: Path, info_file: Path = INFO, progress: bool = True) -> dict:
     params = load_params(params_file)
     root = params_file.parent
     check_raw_inputs(params, params_file, made_by_world=False)
@@ -49,7 +49,7 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
     step = settings(Settings, cfg, mix=cfg.mix.model_dump(), max_tokens=max_tokens)
     metrics = curate(step, paths, root / cfg.out, count_tokens, params.runtime.workers, progress)
     seconds = time.perf_counter() - start
-    write_json(root / metrics_file, metrics)
+    write_json(root / info_file, metrics)
     pairs = {s: m["kept_pairs"] for s, m in metrics["train"].items() if s != "total"}
     shards = metrics["train"]["total"]["shards"]
     print(json.dumps({"seconds": round(seconds, 1), "pairs": pairs, "shards": shards}))

@@ -11,12 +11,12 @@ from pipeline.detect import Settings, detect
 from pipeline.errors import ParamsError
 from pipeline.models import detector as yolo
 from pipeline.shards import verify_shards
-from stages.outputs import require, write_json
+from stages.outputs import info_path, require, write_json
 
-METRICS = Path("metrics/detect.json")
+INFO = info_path("detect")  # counts only: no figure of the model, so no metrics file
 
 
-def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) -> dict:
+def run(params_file: Path, info_file: Path = INFO, progress: bool = True) -> dict:
     params = load_params(params_file)
     root = params_file.parent
     cfg, rt = params.detect, params.runtime
@@ -34,7 +34,7 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
     start = time.perf_counter()
     metrics = detect(shards, root / cfg.out, root / rt.scratch / "detect", model, step, rt.workers, progress)
     seconds = time.perf_counter() - start
-    write_json(root / metrics_file, metrics)
+    write_json(root / info_file, metrics)
     summary = {k: metrics[k] for k in ("images", "regions", "rejects")}
     summary.update(seconds=round(seconds, 1), device=str(model.device), half=model.half)
     print(json.dumps(summary))

@@ -14,9 +14,13 @@ from pipeline.models.clip import create, save_checkpoint
 from pipeline.runtime import pick_device
 from pipeline.shards import verify_shards
 from pipeline.train import Optimisation
-from stages.outputs import LiveCurves, prune_runs, require, write_json
+from stages.outputs import METRICS_DIR, LiveCurves, prune_runs, require, write_record
 
-METRICS = Path("metrics/distill.json")
+# Everything but the losses: to metrics/info/distill.json (pipeline/records.py).
+INFO_KEYS = frozenset(
+    {"device", "images", "pairs", "pairs_without_teacher_target", "steps", "teacher_target"}
+    | {"text_tower_sha256", "text_tower_unchanged", "trainable_parameters", "train_seconds"}
+)
 LIVE_DIR = Path("metrics/distill")
 
 
@@ -78,6 +82,7 @@ def run(params_file: Path, progress: bool = True) -> dict:
         "teacher_target": targets.teacher.metadata.get("target"),
         "pairs_without_teacher_target": int(targets.teacher.metadata.get("pairs_without_target", "0")),
         "epochs": trainer.history,
+        "final": {k: v for k, v in trainer.history[-1].items() if k != "epoch"},  # dvc exp show's columns
         "steps": len(trainer.steps),
         "text_tower_sha256": text_hash,
         "text_tower_unchanged": True,  # train_student raises otherwise
@@ -85,8 +90,8 @@ def run(params_file: Path, progress: bool = True) -> dict:
         "train_seconds": round(seconds, 1),
         "device": device.type,
     }
-    write_json(root / METRICS, metrics, sort_keys=True)
+    write_record(root / METRICS_DIR, "distill", metrics, INFO_KEYS)
     live.finish(trainer.steps)
     prune_runs(scratch, keep=key)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "epochs"}))
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("epochs", "final")}))
     return metrics

@@ -10,12 +10,12 @@ from pipeline.config import load_params, settings
 from pipeline.embed import Settings, embed
 from pipeline.models.clip import load_encoder
 from pipeline.shards import verify_shards
-from stages.outputs import require, write_json
+from stages.outputs import info_path, require, write_json
 
-METRICS = Path("metrics/embed.json")
+INFO = info_path("embed")  # counts only: no figure of the model, so no metrics file
 
 
-def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) -> dict:
+def run(params_file: Path, info_file: Path = INFO, progress: bool = True) -> dict:
     params = load_params(params_file)
     root = params_file.parent
     cfg, rt = params.embed, params.runtime
@@ -40,7 +40,7 @@ def run(params_file: Path, metrics_file: Path = METRICS, progress: bool = True) 
         progress,
     )
     seconds = time.perf_counter() - start
-    write_json(root / metrics_file, metrics)
+    write_json(root / info_file, metrics)
     summary = {k: metrics[k] for k in ("pairs", "images", "regions", "rejects")}
     summary.update(seconds=round(seconds, 1), device=str(encoder.device), amp=encoder.amp)
     print(json.dumps(summary))

@@ -19,9 +19,10 @@ from pipeline.evaluate import SetEncoder, curve_rows, evaluate, images_per_secon
 from pipeline.models.clip import Encoder, create
 from pipeline.runtime import pick_device
 from pipeline.tables import write_table
-from stages.outputs import write_json
+from stages.outputs import METRICS_DIR, write_record
 
-METRICS_DIR = Path("metrics")
+# Set sizes, chance levels and the probe's text-side cosines: to metrics/info/<model>.json.
+INFO_KEYS = frozenset({"images", "captions", "classes", "templates", "items", "chance", "text_cosine"})
 # Where a model's checkpoint is unless --weights says.
 DEFAULT_WEIGHTS = {"base": lambda p: p.clip.checkpoint, "student": lambda p: p.distill.out}
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -66,7 +67,7 @@ def run(
     result = evaluate(encoder, root / params.curate.out, cfg.datasets, cfg.prompts)
     seconds = time.perf_counter() - start
     out = root / metrics_dir
-    write_json(out / f"{model}.json", result.metrics)
+    write_record(out, model, result.metrics, INFO_KEYS)
     if result.curves:
         _write_csv(out / "recall" / f"{model}.csv", curve_rows(result.curves))
     table = queries_table(result)

@@ -8,16 +8,15 @@ from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.export import Card, export, read_metrics
-from stages.outputs import require
+from stages.outputs import METRICS_DIR, info_path, require
 
-METRICS_DIR = Path("metrics")
 REFERENCE = "base"  # the card compares the student with the base CLIP it was distilled from
 
 
 def run(params_file: Path, metrics_dir: Path = METRICS_DIR) -> dict:
     params = load_params(params_file, only=("clip", "curate", "teacher", "distill", "export"))
     root = params_file.parent
-    student, distilled = root / params.distill.out, root / metrics_dir / "distill.json"
+    student, distilled = root / params.distill.out, info_path("distill", root / metrics_dir)
     require(params_file, [(student, "distill"), (distilled, "distill")])
     text_tower = json.loads(distilled.read_text())["text_tower_sha256"]
     d, mix = params.distill, params.curate.mix.model_dump()

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pipeline import records
 from pipeline.errors import MissingOutput
 from pipeline.files import atomic_file
 
@@ -28,6 +29,31 @@ def write_json(path: Path, obj: dict, sort_keys: bool = False) -> None:
     """Atomically: a metrics file is never half written."""
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+METRICS_DIR = Path("metrics")  # figures: metrics files; their info (counts, sizes, hashes,
+# timings) in info/ below it, as cached outputs (pipeline/records.py says why)
+
+
+def info_path(name: str, metrics_dir: Path = METRICS_DIR) -> Path:
+    """Where a stage (or an evaluated model) keeps its info: metrics/info/<name>.json."""
+    return metrics_dir / "info" / f"{name}.json"
+
+
+def write_record(metrics_dir: Path, name: str, record: dict, info_keys: frozenset[str]) -> dict:
+    """The figures of `record` to <metrics_dir>/<name>.json, the rest to its info file; returns
+    the figures."""
+    figures, info = records.split(record, info_keys)
+    write_json(metrics_dir / f"{name}.json", figures, sort_keys=True)
+    write_json(info_path(name, metrics_dir), info, sort_keys=True)
+    return figures
+
+
+def read_record(metrics_dir: Path, name: str) -> dict:
+    """A record `write_record` split, whole again (its figures alone where the info is absent)."""
+    figures = json.loads((metrics_dir / f"{name}.json").read_text())
+    info = info_path(name, metrics_dir)
+    return records.merge(figures, json.loads(info.read_text())) if info.is_file() else figures
 
 
 def log_live(folder: Path, records: list[dict], skip: tuple[str, ...] = ("step", "epoch")) -> None:

@@ -9,8 +9,7 @@ from pathlib import Path
 from pipeline.errors import MissingOutput
 from pipeline.files import atomic_file
 from pipeline.report import compare, to_markdown
-
-METRICS_DIR = Path("metrics")
+from stages.outputs import METRICS_DIR, read_record
 
 
 def run(models: list[str], metrics_dir: Path = METRICS_DIR) -> dict:
@@ -19,7 +18,7 @@ def run(models: list[str], metrics_dir: Path = METRICS_DIR) -> dict:
         raise MissingOutput(
             f"no metrics for {', '.join(missing)} in {metrics_dir}/: run `dclip evaluate --model NAME` first"
         )
-    results = {m: json.loads((metrics_dir / f"{m}.json").read_text()) for m in models}
+    results = {m: read_record(metrics_dir, m) for m in models}  # figures with sizes and chance
     report = compare(results)
     _write(metrics_dir / "report.json", json.dumps(report, indent=2) + "\n")
     markdown = to_markdown(report)

@@ -20,9 +20,13 @@ from pipeline.models.teacher import TeacherConfig
 from pipeline.runtime import pick_device
 from pipeline.shards import verify_shards
 from pipeline.train import Optimisation
-from stages.outputs import LiveCurves, prune_runs, require, write_json
+from stages.outputs import METRICS_DIR, LiveCurves, prune_runs, require, write_record
 
-METRICS = Path("metrics/teacher.json")
+# What is not a figure of the teacher: to metrics/info/teacher.json (pipeline/records.py).
+INFO_KEYS = frozenset(
+    {"device", "pairs_without_target", "target", "targets", "train_seconds", "use_epoch"}
+    | {"validation_slice", "val_images", "val_captions"}
+)
 LIVE_DIR = Path("metrics/teacher")
 
 
@@ -53,7 +57,7 @@ def run(params_file: Path, progress: bool = True) -> dict:
     key = teach.run_key(model_cfg, step, opt, data, device)
     scratch = root / params.runtime.scratch / "teacher"
     checkpoints = scratch / key
-    # Curves only: the validation slice's sizes are constants, in metrics/teacher.json.
+    # Curves only: the validation slice's sizes are constants, in metrics/info/teacher.json.
     live = LiveCurves(root / LIVE_DIR, skip=("step", "epoch", "val_images", "val_captions"))
 
     def epoch_done(epoch: int, record: dict) -> None:
@@ -86,7 +90,7 @@ def run(params_file: Path, progress: bool = True) -> dict:
         "train_seconds": round(seconds, 1),
         "device": device.type,
     }
-    write_json(root / METRICS, metrics, sort_keys=True)
+    write_record(root / METRICS_DIR, "teacher", metrics, INFO_KEYS)
     live.finish(history)
     prune_runs(scratch, keep=key)
     print(json.dumps({"targets": n, "pairs_without_target": without, "chosen": metrics["chosen"]}))

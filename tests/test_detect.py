@@ -375,8 +375,8 @@ def test_stage_writes_regions_and_metrics(demo_images, tmp_path):
     from stages import detect as stage
 
     params = stage_repo(tmp_path, demo_images)
-    metrics = stage.run(params, Path("metrics/detect.json"), progress=False)
-    assert json.loads((tmp_path / "metrics" / "detect.json").read_text()) == metrics
+    metrics = stage.run(params, progress=False)
+    assert json.loads((tmp_path / "metrics" / "info" / "detect.json").read_text()) == metrics
     assert metrics["images"] == 4 and metrics["regions"] > 0
     assert pq.read_table(tmp_path / "data" / "regions.parquet").num_rows == 4
 

@@ -33,12 +33,12 @@ def test_repro_runs_every_stage_then_nothing(reproduced):
     world = json.loads((repo / "demo" / "raw" / "world.json").read_text())
     assert world["coco"]["images"] == TINY_WORLD["coco"]["train2014"] + TINY_WORLD["coco"]["val2014"]
     assert (repo / "demo" / "dvc.lock").is_file() and (repo / "dvc.lock").is_file()
-    metrics = json.loads((repo / "metrics" / "curate.json").read_text())
+    metrics = json.loads((repo / "metrics" / "info" / "curate.json").read_text())
     assert {s: metrics["train"][s]["kept_pairs"] for s in CURATE_MIX} == CURATE_MIX
     assert (repo / "data" / "curated" / "train.parquet").is_file()
     # detect: a row per training sample (36 pairs in shards of 8), after curate.
     assert first.index("Running stage 'curate'") < first.index("Running stage 'detect'")
-    detect = json.loads((repo / "metrics" / "detect.json").read_text())
+    detect = json.loads((repo / "metrics" / "info" / "detect.json").read_text())
     pairs = sum(CURATE_MIX.values())
     assert (detect["shards"], detect["images"], detect["rejects"]) == (-(-pairs // 8), pairs, 0)
     assert detect["regions"] >= detect["images"] - detect["images_without_detections"] > 0
@@ -46,7 +46,7 @@ def test_repro_runs_every_stage_then_nothing(reproduced):
     # embed: every pair, each image encoded once, after detect; the whole image is region 0 of
     # each; a teacher shard per curated shard.
     assert first.index("Running stage 'detect'") < first.index("Running stage 'embed'")
-    embed = json.loads((repo / "metrics" / "embed.json").read_text())
+    embed = json.loads((repo / "metrics" / "info" / "embed.json").read_text())
     train = pq.read_table(repo / "data" / "curated" / "train.parquet").to_pylist()
     images = {r["image"] for r in train}
     assert len(images) == 4 + 2 + 6
@@ -62,7 +62,16 @@ def test_repro_runs_every_stage_then_nothing(reproduced):
     assert first.index("Running stage 'curate'") < first.index("Running stage 'evaluate@base'")
     assert first.index("Running stage 'evaluate@base'") < first.index("Running stage 'report'")
     base = json.loads((repo / "metrics" / "base.json").read_text())
-    assert base["retrieval"]["coco"]["images"] == TINY_WORLD["coco"]["karpathy_test"]
+    base_info = json.loads((repo / "metrics" / "info" / "base.json").read_text())
+    assert base_info["retrieval"]["coco"]["images"] == TINY_WORLD["coco"]["karpathy_test"]
+    assert set(base["retrieval"]["coco"]["text_to_image"]) == {
+        "R@1",
+        "R@5",
+        "R@10",
+        "mAP",
+        "MRR",
+        "clip_benchmark",
+    }
     assert set(base["zeroshot"]) == {"imagenet", "cifar10", "cifar100"}
     assert "metrics/base.json" in sh(["dvc", "metrics", "show"], repo)
     assert (repo / "metrics" / "recall" / "base.csv").is_file()
@@ -74,11 +83,12 @@ def test_repro_runs_every_stage_then_nothing(reproduced):
     assert first.index("Running stage 'train_teacher'") < first.index("Running stage 'distill'")
     assert first.index("Running stage 'distill'") < first.index("Running stage 'evaluate@student'")
     teacher_metrics = json.loads((repo / "metrics" / "teacher.json").read_text())
-    assert teacher_metrics["targets"] == embed["pairs"] and len(teacher_metrics["epochs"]) == 2
+    teacher_info = json.loads((repo / "metrics" / "info" / "teacher.json").read_text())
+    assert teacher_info["targets"] == embed["pairs"] and len(teacher_metrics["epochs"]) == 2
     targets = pq.read_table(repo / "data" / "teacher_targets.parquet")
     captions = pq.read_table(repo / "data" / "embeddings" / "captions.parquet")
     assert sorted(targets.column("key").to_pylist()) == sorted(captions.column("key").to_pylist())
-    distilled = json.loads((repo / "metrics" / "distill.json").read_text())
+    distilled = json.loads((repo / "metrics" / "info" / "distill.json").read_text())
     assert distilled["text_tower_unchanged"] and distilled["pairs"] == embed["pairs"]
     assert distilled["images"] == embed["images"] and distilled["teacher_target"] == "paper"
     # The teacher is measured on captions its targets were not conditioned on, never on its own.
@@ -136,6 +146,30 @@ def test_a_params_edit_reruns_the_world_and_restores_from_cache(reproduced):
     assert "Running stage 'demo/dvc.yaml:world'" in sh(["dvc", "repro", "demo/dvc.yaml"], repo)
     # Back to the committed params: DVC's run-cache restores the outputs without running.
     restore(repo)
+
+
+def test_dvc_metrics_show_lists_figures_only(reproduced):
+    """Before: about 400 columns, most of them counts, sizes, chance levels, hashes and timings.
+    Now the metrics files hold figures; the rest is each stage's info, a cached output."""
+    shown = json.loads(sh(["dvc", "metrics", "show", "--json"], reproduced.root))
+    ((_, workspace),) = shown.items()
+    files = workspace["data"]
+    assert set(files) == {f"metrics/{name}.json" for name in ("teacher", "distill", "base", "student")}
+
+    def leaves(node, path=()):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from leaves(v, (*path, k))
+        elif not isinstance(node, list):  # a list (a per-epoch history) is no column
+            yield path
+
+    columns = [(f, *p) for f, d in files.items() for p in leaves(d["data"])]
+    info = {"images", "captions", "classes", "templates", "items", "chance", "text_cosine", "device"}
+    info |= {"pairs", "targets", "train_seconds", "text_tower_sha256", "steps", "val_images"}
+    assert not [c for c in columns if set(c) & info]
+    assert len(columns) < 200, len(columns)
+    for name in ("curate", "detect", "embed", "teacher", "distill", "base", "student"):
+        assert (reproduced.root / "metrics" / "info" / f"{name}.json").is_file(), name
 
 
 def test_every_plot_names_its_axes():

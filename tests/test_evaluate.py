@@ -33,6 +33,7 @@ from stages import curate as curate_stage
 from stages import evaluate as evaluate_stage
 from stages import weights as weights_stage
 from stages.cli import app
+from stages.outputs import read_record
 
 from .helpers import REPO
 
@@ -296,7 +297,12 @@ def test_stage_writes_metrics_and_curves_then_the_report(project, capsys):
     assert summary["model"] == "base" and summary["weights"] == "data/weights/clip.pt"
     assert summary["images_per_second"] > 0
     written = json.loads((project / "metrics" / "base.json").read_text())
-    assert written == metrics and set(written) == {"retrieval", "zeroshot", "probe"}
+    assert read_record(project / "metrics", "base") == metrics
+    assert set(written) == {"retrieval", "zeroshot", "probe"}
+    # The metrics file holds figures; sizes and chance levels are in the info file beside it.
+    assert "images" not in written["retrieval"]["coco"] and "chance" not in written["zeroshot"]["cifar10"]
+    coco = metrics["retrieval"]["coco"]["text_to_image"]
+    assert written["retrieval"]["coco"]["text_to_image"]["R@1"] == coco["R@1"]
     with open(project / "metrics" / "recall" / "base.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["k"]) for r in rows] == list(range(1, CURVE_MAX_K + 1))

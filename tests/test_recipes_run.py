@@ -53,14 +53,14 @@ def test_a_paper_recipe_runs_end_to_end_on_tiny_real_format_data(recipe, tiny_wo
     out = sh(["dvc", "repro", "dvc.yaml"], root)  # the study's DAG; the demo world is not in it
 
     assert set(re.findall(r"Running stage '([^']+)'", out)) == STUDY_STAGES
-    curated = json.loads((root / "metrics" / "curate.json").read_text())
+    curated = json.loads((root / "metrics" / "info" / "curate.json").read_text())
     pairs = {s: curated["train"][s]["kept_pairs"] for s in ("coco", "flickr30k", "cc")}
     assert all(n > 0 for n in pairs.values()), pairs
     teacher = torch.load(root / "models" / "teacher.pt", map_location="cpu", weights_only=False)
     assert teacher["config"]["dim"] == WIDTH[recipe]
-    distilled = json.loads((root / "metrics" / "distill.json").read_text())
+    distilled = json.loads((root / "metrics" / "info" / "distill.json").read_text())
     assert distilled["text_tower_unchanged"] and distilled["pairs"] == sum(pairs.values())
-    student = json.loads((root / "metrics" / "student.json").read_text())
+    student = json.loads((root / "metrics" / "info" / "student.json").read_text())
     assert student["retrieval"]["coco"]["images"] > 0 and "imagenet" in student["zeroshot"]
     # The exported student is the recipe's architecture, loaded by open_clip alone.
     net, _, _ = open_clip.create_model_and_transforms(f"local-dir:{root / params['export']['out']}")

@@ -147,7 +147,9 @@ def round_trip(
     # outputs that no lock file lists.)
     restorable = {a for a, s in stages.items() if all(s.outs.values())}
     restorable = {a for a in restorable if stages[a].upstream <= restorable}
-    assert restorable, stages
+    # The expensive per-shard stages among them: their counts are a cached info file, not an
+    # uncached metrics file (which kept all three out of the run-cache before).
+    assert {"curate", "detect", "embed"} <= restorable, stages
     cached = clones / "run-cache"
     sh(["git", "clone", "-q", str(source), str(cached)], clones)
     for lock in LOCKS:
