@@ -587,6 +587,10 @@ class Runtime(Section):
     workers: PositiveInt = 2  # decoding (world: painting) processes or threads per stage; 1: in its own
     batch_size: InferenceBatches = InferenceBatches()
     scratch: PathStr = "data/scratch"  # resumable parts of killed runs, one folder per stage under it
+    # distill: recompute the image tower's transformer activations in the backward pass instead of
+    # keeping them: the same weights in much less memory (ViT-L/14 at batch 32 on a 24 GB machine),
+    # for about one more forward pass
+    grad_checkpointing: bool = False
 
 
 SCRATCH_FOLDERS = ("detect", "embed", "teacher", "distill")  # the stages that resume, under runtime.scratch

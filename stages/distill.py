@@ -4,6 +4,7 @@ text tower frozen (checked by hash); models/student.pt loads with open_clip itse
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -45,12 +46,14 @@ def run(params_file: Path, progress: bool = True) -> dict:
     device = pick_device(rt.device)
     model, preprocess, _ = create(params.clip.model, str(weights_path), device)
     model.float()
-    try:
-        from pipeline.models.student import trainable_names
+    from pipeline.models.student import checkpoint_activations, trainable_names
 
+    try:
         trainable_names(model, cfg.trainable_blocks)
     except ValueError as err:
         raise ParamsError(f"{params_file}: {err}") from None
+    if rt.grad_checkpointing and not checkpoint_activations(model, True):
+        print("runtime.grad_checkpointing: the image tower has no transformer blocks; off", file=sys.stderr)
     step = settings(distill.Settings, cfg)
     opt = settings(Optimisation, cfg, optimizer="adamw")
     targets = distill.Targets.load(embeddings, targets_file, anchor=cfg.lambda_anchor > 0)

@@ -11,7 +11,13 @@ import torch
 
 from pipeline.losses import info_nce
 from pipeline.models.clip import create, save_checkpoint
-from pipeline.models.student import freeze_for_distillation, frozen_hash, set_train_mode, trainable_names
+from pipeline.models.student import (
+    checkpoint_activations,
+    freeze_for_distillation,
+    frozen_hash,
+    set_train_mode,
+    trainable_names,
+)
 
 MODEL = "DCLIP-Demo-RN64"  # the demo's CLIP: a ModifiedResNet image tower, 4 stages of 1 bottleneck
 TINY_VIT = "Test-Tiny-ViT"  # a ViT image tower of 4 transformer blocks, as the paper's models have
@@ -120,3 +126,20 @@ def test_an_exported_student_loads_in_open_clip_with_the_same_embeddings(clip, t
         a = model.encode_image(images, normalize=True)
         b = loaded.encode_image(images, normalize=True)
     assert torch.nn.functional.cosine_similarity(a, b).min() > 0.999
+
+
+def test_gradient_checkpointing_trains_the_same_weights_bit_for_bit():
+    """runtime.grad_checkpointing recomputes the ViT blocks' activations in the backward pass:
+    the same arithmetic, so two steps give exactly the same image tower; on a ResNet tower it is
+    reported off and changes nothing."""
+    trained = []
+    for enable in (False, True):
+        model, tokenizer = build(TINY_VIT)
+        assert checkpoint_activations(model, enable) is enable
+        assert model.visual.transformer.grad_checkpointing is enable
+        step(model, tokenizer, freeze_for_distillation(model, None))
+        trained.append({n: p.detach().clone() for n, p in model.visual.named_parameters()})
+    assert trained[0].keys() == trained[1].keys()
+    assert all(torch.equal(trained[0][n], trained[1][n]) for n in trained[0])
+    resnet, _ = build(MODEL)
+    assert checkpoint_activations(resnet, True) is False

@@ -80,6 +80,20 @@ def freeze_for_distillation(model: torch.nn.Module, blocks: int | None) -> list[
     return [p for n, p in model.named_parameters() if n in train]
 
 
+def checkpoint_activations(model: torch.nn.Module, enable: bool) -> bool:
+    """Gradient checkpointing of the image tower's transformer blocks (open_clip's own): each
+    block's activations are recomputed in the backward pass instead of kept, so training memory
+    no longer grows with the depth. The arithmetic is the same, so the weights are too (tested);
+    it costs about one more forward pass. Returns whether it is on: a ResNet tower has no
+    checkpointed blocks in open_clip, and there the setting changes nothing."""
+    visual = image_tower(model)
+    blocks = getattr(visual, "transformer", None)
+    if blocks is None or not hasattr(blocks, "grad_checkpointing"):
+        return False
+    visual.set_grad_checkpointing(enable)  # type: ignore[operator]
+    return enable
+
+
 def set_train_mode(model: torch.nn.Module, freeze_batchnorm: bool = True) -> None:
     """Training mode for the image tower only: the frozen text side stays in eval mode (no
     dropout), so its outputs are those of the base model. With `freeze_batchnorm` the image
