@@ -685,11 +685,14 @@ def read_yaml(text: str | bytes) -> Any:
     return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-def load_params(path: Path | str = "params.yaml", only: tuple[str, ...] | None = None) -> Params:
+def load_params(
+    path: Path | str = "params.yaml", only: tuple[str, ...] | None = None, base_dir: Path | None = None
+) -> Params:
     """Read and validate a params file; raises ParamsError naming every bad key.
 
     `only` validates just those sections (the rest take their defaults): for a command that
-    makes what another section points at, such as the demo weights."""
+    makes what another section points at, such as the demo weights. Relative paths are relative
+    to `base_dir`, by default the file's folder (for params.yaml, the repository root)."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
@@ -699,7 +702,7 @@ def load_params(path: Path | str = "params.yaml", only: tuple[str, ...] | None =
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if only is not None and isinstance(raw, dict):
         raw = {k: v for k, v in raw.items() if k in only}
-    return parse_params(raw, source=str(path), base_dir=path.parent)
+    return parse_params(raw, source=str(path), base_dir=base_dir if base_dir is not None else path.parent)
 
 
 # --- params → a step's settings ---------------------------------------------------------------

@@ -75,6 +75,8 @@ def export(
     with atomic_dir(out) as tmp:
         save_config_for_hf(net, tmp / CONFIG, model_config=config)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        # safetensors creates its file 0600; a model to share is readable like the files beside it.
+        (tmp / WEIGHTS).chmod((tmp / CONFIG).stat().st_mode & 0o777)
         (tmp / CARD).write_text(model_card(card, metrics or {}), encoding="utf-8")
     return {
         "tensors": len(tensors),

@@ -57,12 +57,24 @@ def command(
 @command(params_app, "check")
 def params_check(file: Annotated[Path, typer.Argument(help="Params file.")] = Path("params.yaml")) -> None:
     """Validate a params file: every section, every key, the rules across sections, and every raw
-    input it names (those the demo's world stage makes are left to it); exit 2 naming each fault."""
+    input it names (those the demo's world stage makes are left to it); exit 2 naming each fault.
+    Its paths are relative to the project (the nearest folder up holding dvc.yaml), so that a
+    recipe is checked where it lies: `dclip params check configs/paper-vit-b32.yaml`."""
     from pipeline.config import load_params
     from stages.curate import check_raw_inputs
 
-    check_raw_inputs(load_params(file), file, made_by_world=True)
+    root = _project_root(file)
+    check_raw_inputs(load_params(file, base_dir=root), file, made_by_world=True, root=root)
     typer.echo(f"{file}: ok")
+
+
+def _project_root(file: Path) -> Path:
+    """The nearest folder holding `file` with a dvc.yaml in it; else the file's own folder."""
+    folder = file.resolve().parent
+    for candidate in (folder, *folder.parents):
+        if (candidate / "dvc.yaml").is_file():
+            return candidate
+    return file.parent
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -16,11 +16,14 @@ from stages.outputs import info_path, write_json
 INFO = info_path("curate")  # counts only: no figure of the model, so no metrics file
 
 
-def check_raw_inputs(params: Params, params_file: Path, made_by_world: bool) -> None:
+def check_raw_inputs(
+    params: Params, params_file: Path, made_by_world: bool, root: Path | None = None
+) -> None:
     """Every raw input the sources name exists, or a ParamsError names each that does not.
     With `made_by_world`, inputs inside world.out are left out: the demo's world stage makes them
-    (what `dclip params check` wants before `dvc repro`); the curate stage itself needs them all."""
-    root = params_file.parent
+    (what `dclip params check` wants before `dvc repro`); the curate stage itself needs them all.
+    Paths are relative to `root`, by default the params file's folder."""
+    root = root if root is not None else params_file.parent
     missing = SourcePaths.resolve(params.sources, root, params.curate.mix).missing()
     if made_by_world:  # (world.out is read only here: the curate stage does not list it)
         world = (root / params.world.out).resolve()

@@ -67,7 +67,7 @@ def run(
     result = evaluate(encoder, root / params.curate.out, cfg.datasets, cfg.prompts)
     seconds = time.perf_counter() - start
     out = root / metrics_dir
-    write_record(out, model, result.metrics, INFO_KEYS)
+    write_record(out, model, result.metrics, INFO_KEYS, sort_keys=False)
     if result.curves:
         _write_csv(out / "recall" / f"{model}.csv", curve_rows(result.curves))
     table = queries_table(result)

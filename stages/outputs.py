@@ -40,12 +40,15 @@ def info_path(name: str, metrics_dir: Path = METRICS_DIR) -> Path:
     return metrics_dir / "info" / f"{name}.json"
 
 
-def write_record(metrics_dir: Path, name: str, record: dict, info_keys: frozenset[str]) -> dict:
+def write_record(
+    metrics_dir: Path, name: str, record: dict, info_keys: frozenset[str], sort_keys: bool = True
+) -> dict:
     """The figures of `record` to <metrics_dir>/<name>.json, the rest to its info file; returns
-    the figures."""
+    the figures. `sort_keys=False` keeps the record's own order (evaluate's: the data sets as
+    evaluate.datasets lists them, which the report follows)."""
     figures, info = records.split(record, info_keys)
-    write_json(metrics_dir / f"{name}.json", figures, sort_keys=True)
-    write_json(info_path(name, metrics_dir), info, sort_keys=True)
+    write_json(metrics_dir / f"{name}.json", figures, sort_keys=sort_keys)
+    write_json(info_path(name, metrics_dir), info, sort_keys=sort_keys)
     return figures
 
 

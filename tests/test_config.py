@@ -521,3 +521,13 @@ def test_params_check_names_every_raw_input_that_is_not_there(tmp_path):
     (tmp_path / "demo" / "params.yaml").write_text(yaml.safe_dump(demo))
     made = CliRunner().invoke(app, ["params", "check", str(tmp_path / "demo" / "params.yaml")])
     assert made.exit_code == 0 and not (tmp_path / "demo" / "demo").exists(), made.output
+
+
+def test_a_recipe_is_checked_where_it_lies_with_paths_relative_to_the_project():
+    # Before: `dclip params check configs/paper-vit-b32.yaml` looked for configs/data/raw/….
+    if (REPO / "data" / "raw").exists():
+        pytest.skip("this checkout has data/raw: the recipe's inputs may be there")
+    result = CliRunner().invoke(app, ["params", "check", str(REPO / "configs" / "paper-vit-b32.yaml")])
+    assert result.exit_code == 2
+    assert f"  sources.coco.images: {REPO / 'data/raw/coco'} does not exist" in result.output.splitlines()
+    assert "configs/data" not in result.output

@@ -79,6 +79,12 @@ def test_the_folder_loads_with_open_clip_alone_and_encodes_as_the_checkpoint(stu
     assert torch.equal(theirs_preprocess(image), preprocess(image))
 
 
+def test_every_file_of_the_folder_has_the_same_permissions(exported):
+    # Before: the safetensors file was 0600 (safetensors' own), unreadable to a colleague.
+    modes = {p.name: p.stat().st_mode & 0o777 for p in exported.iterdir()}
+    assert len(set(modes.values())) == 1 and modes["open_clip_config.json"] & 0o044, modes
+
+
 def test_the_weights_are_the_checkpoint_s_own_float16_values(student, exported):
     stored = torch.load(student, map_location="cpu", weights_only=True)["state_dict"]
     tensors = load_file(str(exported / WEIGHTS))
