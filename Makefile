@@ -10,7 +10,7 @@ export YOLO_OFFLINE := 1
 # dvc runs each stage's `dclip …` command through a shell: put the environment first on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test lint clean
+.PHONY: setup browser demo test lint clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,14 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 demo: $(STAMP)
 	$(BIN)/dclip repro
 
-test: $(STAMP)
+# Debian's Chromium, which the HTML report's test drives through Playwright (no browser download):
+# installed when missing where apt-get can (as root); elsewhere that one test says why it skips.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+		|| echo "no chromium (apt-get install chromium): the HTML report's browser test will skip"
+
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest

@@ -6,7 +6,8 @@ Besides the metrics, every query's outcome is kept (`Evaluation.queries`): the p
 positive, 0 for the top — a caption's image, an image's best caption, an image's class, a probe
 item's true caption against its negative. Every metric here is a mean over queries of a function
 of that place, so a study can bootstrap intervals over queries and pair two models on the same
-queries (pipeline/study.py).
+queries (pipeline/study.py). Beside it, the query's best few candidates (what the report's gallery
+shows).
 
 Images stream from the curated WebDataset shards through a DataLoader (decoding in worker
 processes, each taking every n-th sample, so any number of shards keeps every worker busy) into
@@ -50,6 +51,7 @@ from pipeline.shards import read_shard
 RECALL_KS = (1, 5, 10)
 TOP_KS = (1, 5)
 CURVE_MAX_K = 50  # recall@k curves for `dvc plots`: k = 1 … this
+TOP_SHOWN = 5  # each query's best candidates kept in the queries table (the report's gallery)
 
 
 def prompt_templates(prompts: str) -> tuple:
@@ -184,8 +186,14 @@ def _round(d: dict) -> dict:
     return {k: round(v, 4) for k, v in d.items()}
 
 
-def _queries(name: str, task: str, places: torch.Tensor, category: list[str] | None = None) -> dict:
-    """One (set, task)'s per-query places, as columns of the queries table."""
+def _queries(
+    name: str,
+    task: str,
+    places: torch.Tensor,
+    category: list[str] | None = None,
+    top: torch.Tensor | None = None,
+) -> dict:
+    """One (set, task)'s per-query places (and top candidates), as columns of the queries table."""
     n = len(places)
     return {
         "dataset": [name] * n,
@@ -193,6 +201,7 @@ def _queries(name: str, task: str, places: torch.Tensor, category: list[str] | N
         "category": category if category is not None else [None] * n,
         "query": list(range(n)),
         "place": places.to(torch.int64).tolist(),
+        "top": top.tolist() if top is not None else [None] * n,
     }
 
 
@@ -219,12 +228,17 @@ def retrieval(
     result: dict = {"images": len(rows), "captions": len(captions)}
     curves: dict = {}
     queries: list = []
+    # What each query retrieved first: images for a caption, captions for an image (the report's gallery).
+    top = {
+        "text_to_image": metrics.top_candidates(txt, img, TOP_SHOWN),
+        "image_to_text": metrics.top_candidates(img, txt, TOP_SHOWN),
+    }
     for direction, r in ranks.items():
         result[direction] = _round(metrics.summarise(r, RECALL_KS))
         result[direction]["clip_benchmark"] = _round({f"R@{k}": v for k, v in topk[direction].items()})
         curve = metrics.recall_at_k(r, range(1, CURVE_MAX_K + 1))
         curves[f"{name}_{direction}"] = [round(v, 4) for v in curve.values()]
-        queries.append(_queries(name, direction, metrics.best_ranks(r)))
+        queries.append(_queries(name, direction, metrics.best_ranks(r), top=top[direction]))
     result["chance"] = {d: _round({f"R@{k}": v for k, v in c.items()}) for d, c in chance.items()}
     return result, curves, queries
 
@@ -245,7 +259,8 @@ def zero_shot(encoder: SetEncoder, curated: Path, name: str, templates: Sequence
         **_round(metrics.zero_shot_metrics(img, classes, labels, TOP_KS)),
         "chance": _round({f"top{k}": min(k, n) / n for k in TOP_KS}),
     }
-    return result, _queries(name, "zero_shot", metrics.zero_shot_ranks(img, classes, labels)[:, 0])
+    places = metrics.zero_shot_ranks(img, classes, labels)[:, 0]
+    return result, _queries(name, "zero_shot", places, top=metrics.top_candidates(img, classes, TOP_SHOWN))
 
 
 def probe(encoder: SetEncoder, curated: Path, name: str) -> tuple[dict, dict]:
@@ -317,6 +332,9 @@ QUERY_SCHEMA = pa.schema(
         pa.field("category", pa.string()),  # the probe's category; null elsewhere
         pa.field("query", pa.int32(), nullable=False),  # in the set's manifest order
         pa.field("place", pa.int32(), nullable=False),  # of the best positive, 0 for the top
+        # The TOP_SHOWN best candidates, best first, by their index in the set's manifest order
+        # (images, captions in manifest order, or class ids); null for the probe.
+        pa.field("top", pa.list_(pa.int32())),
     ]
 )
 

@@ -218,6 +218,25 @@ def retrieval_metrics(
     return {direction: summarise(r, ks) for direction, r in ranks.items()}
 
 
+def top_candidates(queries: Tensor, candidates: Tensor, k: int, chunk_size: int | None = None) -> Tensor:
+    """(Q, min(k, N)) int64: each query's k best-scoring candidates, best first, as torch.topk
+    orders them (for showing what a model retrieved: exact ties may come in either order)."""
+    if queries.ndim != 2 or candidates.ndim != 2 or queries.shape[1] != candidates.shape[1]:
+        raise ValueError(
+            f"queries {tuple(queries.shape)} and candidates {tuple(candidates.shape)} do not match"
+        )
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    n_cand = candidates.shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_ELEMENTS // max(1, n_cand))
+    parts = [
+        torch.topk(queries[start : start + chunk_size] @ candidates.T, min(k, n_cand), dim=1).indices
+        for start in range(0, queries.shape[0], chunk_size)
+    ]
+    return torch.cat(parts) if parts else torch.empty(0, min(k, n_cand), dtype=torch.int64)
+
+
 def zero_shot_ranks(
     image_emb: Tensor, class_emb: Tensor, labels: Tensor, chunk_size: int | None = None
 ) -> Tensor:

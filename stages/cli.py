@@ -228,6 +228,15 @@ def report(
         str | None,
         typer.Option(help="With --ablations: the baseline commit whose experiments to read (default: HEAD)."),
     ] = None,
+    curated: Annotated[
+        Path | None,
+        typer.Option(
+            help="The curated folder (curate.out): with it, also metrics/report.html and its gallery."
+        ),
+    ] = None,
+    study: Annotated[
+        Path | None, typer.Option(help="The study's table (metrics/ablations.json) for report.html.")
+    ] = None,
 ) -> None:
     """Stage `report`: evaluated models side by side against the first (absolute and relative
     gains, zero-shot retention) as metrics/report.json and metrics/report.md. With --ablations:
@@ -243,7 +252,7 @@ def report(
         return
     if not models:
         _fail("name at least one model (or use --ablations)")
-    stage.run(models, metrics_dir)
+    stage.run(models, metrics_dir, curated, study)
 
 
 @command(app, "regions-quality")

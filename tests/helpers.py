@@ -62,6 +62,7 @@ PROJECT_FILES = [
     ".dvcignore",
     "pipeline",
     "stages",
+    "metrics/ablations.json",  # the study's table, which the report page shows
 ]
 # The stages of dvc.yaml, the study's DAG (the demo world is demo/dvc.yaml's).
 STUDY_STAGES = {

@@ -188,6 +188,20 @@ def test_metrics_of_every_set(project, demo_clip):
     for name in ("imagenet", "cifar10", "cifar100"):
         ranks = places(name, "zero_shot")
         assert round(sum(r < 1 for r in ranks) / len(ranks), 4) == result.metrics["zeroshot"][name]["top1"]
+    # Each query's best five candidates: a query whose positive is placed first (strictly above
+    # every other candidate) has it first; a query whose positive is beyond the top 5 lacks it.
+    for name in ("coco", "flickr30k"):
+        captions = manifest(project, f"eval/{name}/test.parquet")
+        true_image = [i for i, r in enumerate(captions) for _ in r["captions"]]
+        shown = [r for r in table if (r["dataset"], r["task"]) == (name, "text_to_image")]
+        assert all(len(r["top"]) == 5 and len(set(r["top"])) == 5 for r in shown)
+        assert all(r["top"][0] == true_image[r["query"]] for r in shown if r["place"] == 0)
+        assert all(true_image[r["query"]] not in r["top"] for r in shown if r["place"] >= 5)
+    for name in ("cifar10",):
+        labels = [r["label"] for r in manifest(project, f"eval/{name}/test.parquet")]
+        shown = [r for r in table if (r["dataset"], r["task"]) == (name, "zero_shot")]
+        assert all(r["top"][0] == labels[r["query"]] for r in shown if r["place"] == 0)
+    assert all(r["top"] is None for r in table if r["task"] == "probe")
     items = [r for r in table if r["task"] == "probe"]
     assert len(items) == len(rows) and {r["category"] for r in items} == set(probe["items"])
     for category, accuracy in probe["accuracy"].items():
@@ -315,7 +329,7 @@ def test_stage_writes_metrics_and_curves_then_the_report(project, capsys):
         ),
     }
     queries = pq.read_table(project / "metrics" / "queries" / "base.parquet")
-    assert queries.schema.names == ["dataset", "task", "category", "query", "place"]
+    assert queries.schema.names == ["dataset", "task", "category", "query", "place", "top"]
     assert set(queries.column("dataset").to_pylist()) == set(ALL_SETS)
     assert float(rows[0]["coco_text_to_image"]) == metrics["retrieval"]["coco"]["text_to_image"]["R@1"]
 

@@ -330,6 +330,15 @@ def test_topk_recall_on_hand_made_scores():
     assert topk_recall(q, c, positives, (10,)) == {10: 1.0}
 
 
+def test_top_candidates_are_the_best_scores_best_first_in_any_chunking():
+    q, c = scored([[0.1, 0.9, 0.5, 0.3], [0.7, 0.2, 0.6, 0.8]])
+    assert metrics.top_candidates(q, c, 3).tolist() == [[1, 2, 3], [3, 0, 2]]
+    assert metrics.top_candidates(q, c, 3, chunk_size=1).tolist() == [[1, 2, 3], [3, 0, 2]]
+    assert metrics.top_candidates(q, c, 10).shape == (2, 4)  # k beyond the candidates: all of them
+    with pytest.raises(ValueError, match="k must be positive"):
+        metrics.top_candidates(q, c, 0)
+
+
 @settings(max_examples=200, deadline=None)
 @given(retrieval_problems())
 def test_topk_recall_is_clip_benchmark_s_own(problem):
