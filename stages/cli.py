@@ -383,6 +383,36 @@ def doctor(
     typer.echo(json.dumps(stage.report(root, params), indent=2))
 
 
+@command(app)
+def search(
+    queries: Annotated[list[str] | None, typer.Argument(help="Texts to search for.")] = None,
+    images: Annotated[Path, typer.Option(help="The folder of images (searched recursively).")] = Path("."),
+    weights: Annotated[
+        str, typer.Option(help="A checkpoint (models/student.pt, data/weights/clip.pt) or an open_clip tag.")
+    ] = "models/student.pt",
+    model: Annotated[
+        str | None, typer.Option(help="The architecture (default: the params' clip.model).")
+    ] = None,
+    queries_file: Annotated[Path | None, typer.Option(help="More queries, one per line.")] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Images per query.")] = 5,
+    html: Annotated[
+        Path | None, typer.Option(help="Also write a contact sheet (one offline HTML page).")
+    ] = None,
+    params: ParamsFile = Path("params.yaml"),
+) -> None:
+    """The images of a folder that best match each text, by a CLIP checkpoint: rank, cosine, path.
+    The folder's embeddings are kept (under runtime.scratch/search/), keyed by the checkpoint and
+    every file's content: reused while nothing changes, rebuilt when a file does."""
+    from stages import search as stage
+
+    texts = list(queries or [])
+    if queries_file is not None:
+        texts += [
+            line.strip() for line in queries_file.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
+    stage.run(texts, images, weights, params, model, top_k, html)
+
+
 @command(config_app, "list")
 def config_list(params: ParamsFile = Path("params.yaml")) -> None:
     """The recipes in configs/ (whole params files); `*` marks the one params.yaml is now."""
