@@ -31,7 +31,7 @@ from pipeline.files import atomic_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 APPROXIMATE_FROM = 100_000  # images; below it exact search is as fast (benchmarks/search_crossover.py)
-HNSW = {"connectivity": 32, "expansion_add": 256, "expansion_search": 256}  # recall over speed
+HNSW_CONNECTIVITY, HNSW_EXPANSION = 32, 256  # recall over speed (usearch's defaults: 16, 128/64)
 INDEX_VERSION = 1  # part of the key: a change of what an index holds makes old ones stale
 
 
@@ -152,7 +152,14 @@ def _hnsw(index: Index, cache: Path | None):  # -> usearch.index.Index
     from usearch.index import Index as Hnsw
 
     stored = cache / f"{index.key}.usearch" if cache is not None else None
-    hnsw = Hnsw(ndim=index.embeddings.shape[1], metric="cos", dtype="f32", **HNSW)
+    hnsw = Hnsw(
+        ndim=index.embeddings.shape[1],
+        metric="cos",
+        dtype="f32",
+        connectivity=HNSW_CONNECTIVITY,
+        expansion_add=HNSW_EXPANSION,
+        expansion_search=HNSW_EXPANSION,
+    )
     if stored is not None and stored.is_file():
         hnsw.load(str(stored))
         return hnsw
