@@ -147,12 +147,12 @@ def test_mismatches_name_what_is_not_the_variant():
 
 def queries(**per_task) -> pa.Table:
     """A queries table: per (dataset, task) the places of its queries (probe: (category, place))."""
-    rows = {"dataset": [], "task": [], "category": [], "query": [], "place": []}
+    rows = {"dataset": [], "task": [], "category": [], "query": [], "place": [], "top": []}
     for key, places in per_task.items():
         dataset, task = key.split("__")
         for q, place in enumerate(places):
             category, place = place if isinstance(place, tuple) else (None, place)
-            for col, v in zip(rows, (dataset, task, category, q, place)):
+            for col, v in zip(rows, (dataset, task, category, q, place, None)):
                 rows[col].append(v)
     return pa.table(rows, schema=QUERY_SCHEMA)
 
