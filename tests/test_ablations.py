@@ -369,9 +369,9 @@ def test_untracked_raw_inputs_are_named_before_any_experiment_runs(tmp_path):
     sh(["git", "init", "-q"], root)
     sh(["dvc", "init", "-q"], root)
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["sources"]["coco"] = {"images": "data/raw/coco", "train_annotations": "data/raw/coco/captions.json"}
-    raw["sources"]["karpathy"]["folder"] = "data/raw/karpathy"
-    raw["sources"]["cc"] = {"shards": "data/raw/cc"}
+    # Every source under data/raw (sources.root), as on a paper run.
+    raw["sources"] = yaml.safe_load(yaml.safe_dump(raw["sources"]).replace("demo/raw", "data/raw"))
+    raw["sources"]["coco"]["train_annotations"] = "data/raw/coco/captions.json"
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     for rel in (
         "data/raw/coco/captions.json",
@@ -382,7 +382,7 @@ def test_untracked_raw_inputs_are_named_before_any_experiment_runs(tmp_path):
         (root / rel).write_text("{}")
     sh(["dvc", "add", "-q", "data/raw/coco"], root)  # tracked by DVC
     sh(["git", "add", "data/raw/karpathy"], root)  # tracked by git (small files)
-    # data/raw/cc: on disk only. The other sources (demo/raw/…) do not exist: params check's job.
+    # data/raw/cc: on disk only. The other sources do not exist: params check's job.
     assert untracked_inputs(root) == [("sources.cc.shards", root / "data/raw/cc")]
     with pytest.raises(AblationError) as err:
         check_tracked(root)
