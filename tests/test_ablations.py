@@ -292,6 +292,7 @@ def test_no_teacher_runs_as_a_dvc_experiment_and_reports(reproduced):
     root = reproduced.root
     git_before = sh(["git", "status", "--porcelain"], root)
     out_files = [root / "metrics" / "ablations.md", root / "metrics" / "ablations.json"]
+    kept = {p: p.read_bytes() if p.is_file() else None for p in out_files}
     try:
         out = sh(["dclip", "ablations", "run", "no_teacher", "--seeds", "1"], root)
         # Only what λ_cos (and the seed, the workspace's own) feeds re-ran: distill onwards.
@@ -345,8 +346,11 @@ def test_no_teacher_runs_as_a_dvc_experiment_and_reports(reproduced):
         again = sh(["dclip", "ablations", "run", "no_teacher", "--seeds", "1", "--skip-existing"], root)
         assert "no_teacher-s0: already run for this commit; skipped" in again and "Running stage" not in again
     finally:
-        for path in out_files:
-            path.unlink(missing_ok=True)
+        for path in out_files:  # as they were: the project keeps the demo's study in git
+            if kept[path] is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(kept[path])
         refs = sh(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], root).split()
         made = [r for r in refs if r.endswith("/no_teacher-s0")]
         if made:
