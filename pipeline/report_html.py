@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline import evalsets, gallery
+from pipeline import evalsets, gallery, images
 from pipeline.report import DIRECTIONS, NAMES
 from pipeline.shards import read_shard
 
@@ -99,9 +99,17 @@ def gallery_view(
     )
 
 
-def _thumbnails(curated: Path, rows: list[dict], needed: set[int]) -> dict[int, str]:
-    from PIL import Image
+def thumbnail_uri(image: Any, side: int = THUMB_SIDE) -> str:
+    """A PIL image as an inline JPEG data URI, its longer side at most `side` (the report's
+    gallery, `dclip search`'s contact sheet)."""
+    im = image.convert("RGB")
+    im.thumbnail((side, side))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=82)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
+
+def _thumbnails(curated: Path, rows: list[dict], needed: set[int]) -> dict[int, str]:
     wanted = {rows[i]["key"]: i for i in needed}
     shards = sorted({rows[i]["shard"] for i in needed})
     out = {}
@@ -109,13 +117,10 @@ def _thumbnails(curated: Path, rows: list[dict], needed: set[int]) -> dict[int, 
         for key, sample in read_shard(curated / shard):
             if key not in wanted:
                 continue
-            data = next(sample[ext] for ext in ("jpg", "png", "jpeg", "webp") if ext in sample)
-            with Image.open(io.BytesIO(data)) as im:
-                im = im.convert("RGB")
-                im.thumbnail((THUMB_SIDE, THUMB_SIDE))
-                buf = io.BytesIO()
-                im.save(buf, "JPEG", quality=82)
-            out[wanted[key]] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+            img = images.decode_sample(sample)
+            if isinstance(img, images.Reject):
+                raise ValueError(f"{curated / shard}: sample {key!r}: {img.reason}: {img.detail}")
+            out[wanted[key]] = thumbnail_uri(img)
     missing = set(wanted.values()) - set(out)
     if missing:
         raise ValueError(f"{curated}: images {sorted(missing)[:5]} of the gallery are not in their shards")
@@ -216,7 +221,8 @@ def probe_plot(rows: Sequence[Mapping], models: Sequence[str]) -> list[str]:
     width = 0.8 / len(models)
     for i, (colour, model) in enumerate(zip(COLOURS, models)):
         xs = [j + i * width for j in range(len(rows))]
-        ax.bar(xs, [100 * (r["values"][model] or 0) for r in rows], width, color=colour, label=model)
+        heights = [float("nan") if r["values"][model] is None else 100 * r["values"][model] for r in rows]
+        ax.bar(xs, heights, width, color=colour, label=model)  # a model without the figure: no bar
     ax.axhline(50, color="grey", linestyle="--", linewidth=1, label="chance")
     labels = [
         f"{r['category']}\ncos {r['text_cosine']:.3f}" if r.get("text_cosine") is not None else r["category"]

@@ -172,19 +172,15 @@ def _hnsw(index: Index, cache: Path | None):  # -> usearch.index.Index
 
 def contact_sheet(index: Index, queries: Sequence[str], hits: Sequence[Sequence[Hit]]) -> str:
     """A self-contained HTML page: each query with its hits as inlined thumbnails and scores."""
-    import base64
     import html
-    import io
 
     from PIL import Image
 
+    from pipeline.report_html import thumbnail_uri
+
     def thumb(rel: str) -> str:
         with Image.open(index.folder / rel) as im:
-            im = im.convert("RGB")
-            im.thumbnail((160, 160))
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=82)
-        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+            return thumbnail_uri(im, 160)
 
     rows = []
     for text, found in zip(queries, hits):
