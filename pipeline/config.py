@@ -577,6 +577,20 @@ class InferenceBatches(Section):
     evaluate: PositiveInt = 256  # images (and captions) per forward pass
 
 
+class RayRuntime(Section):
+    """The Ray backend's cluster and workers (runtime.backend: ray). Every worker must see the
+    project folder at the same path (one machine, or a shared filesystem): workers read the shards
+    and write their parts into runtime.scratch themselves (docs/scale-out.md)."""
+
+    address: str | None = None  # None: $RAY_ADDRESS when set, else a Ray started on this machine
+    # model workers (actors); None: one per GPU share on a cluster with GPUs, else as many as its CPUs hold
+    workers: PositiveInt | None = None
+    gpus_per_worker: Annotated[float, Field(ge=0.0)] | None = None  # None: 1 when the cluster has GPUs
+    # CPUs a worker reserves, and its torch threads; None: the threads torch uses here, so that CPU
+    # workers compute the same bits as a local run (the thread count changes YOLO's float rounding)
+    cpus_per_worker: PositiveInt | None = None
+
+
 class Runtime(Section):
     """Where and how fast the work runs. No stage lists this section in dvc.yaml: the outputs do
     not depend on it (on another device, up to float rounding; docs/remote.md), so a change here
@@ -591,6 +605,12 @@ class Runtime(Section):
     # keeping them: the same weights in much less memory (ViT-L/14 at batch 32 on a 24 GB machine),
     # for about one more forward pass
     grad_checkpointing: bool = False
+    # curate, detect, embed and evaluate: local (this process and its pools) or ray (runtime.ray)
+    backend: Literal["local", "ray"] = "local"
+    ray: RayRuntime = RayRuntime()
+    # train_teacher and distill: data-parallel processes on this machine (torch.distributed, launched
+    # through torchrun by the stage itself); a multi-node run is launched by torchrun or srun instead
+    processes: PositiveInt = 1
 
 
 SCRATCH_FOLDERS = ("detect", "embed", "teacher", "distill")  # the stages that resume, under runtime.scratch
