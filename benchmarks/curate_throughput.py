@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.backend import Backend
 from pipeline.curate import Decoder, prepare
 from pipeline.images import resized_size
 
@@ -39,7 +40,7 @@ def bare_pil(paths: list[Path], size: int) -> float:
 def curate_path(paths: list[Path], size: int, quality: int, workers: int) -> float:
     fn = partial(prepare, size=size, quality=quality)
     jobs = [(i, str(p)) for i, p in enumerate(paths)]
-    with Decoder(workers) as decoder:
+    with Decoder(Backend(threads=workers)) as decoder:
         for _ in decoder.map(fn, jobs[: 8 * workers]):  # start and warm the workers
             pass
         start = time.perf_counter()

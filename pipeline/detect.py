@@ -1,7 +1,7 @@
 """detect: YOLO regions for every training image.
 
-`detect_shard` is a pure batch function, one WebDataset shard in, one table part out, so that a
-distributed engine can map it over shards later. `detect` runs it over every shard with resume:
+`detect_shard` is a pure batch function, one WebDataset shard in, one table part out, and
+`detect` runs it over every shard on a backend (pipeline.backend: here, or Ray workers) with resume:
 each part is written atomically under scratch/<run key>/, named by its shard's content hash,
 where the run key hashes everything else the output depends on (weights, settings, device,
 library versions, this code). A run killed after k shards redoes only the others; the parts are
@@ -23,7 +23,9 @@ import sys
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Executor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline import images, parallel, parts
+from pipeline.backend import LOCAL, Backend
 from pipeline.files import file_digest
 from pipeline.images import Reject
 from pipeline.models.detector import Detections, Detector
@@ -233,26 +236,46 @@ def run_key(detector: Detector, settings: Settings) -> str:
     return parts.run_key(spec, [sys.modules[__name__], Detector.__module__, images])
 
 
+class Worker(parts.PartMaker):
+    """A detect worker (pipeline.backend): its model, loaded once, and its decode threads."""
+
+    def __init__(self, model: Detector | Callable[[], Detector], settings: Settings, threads: int):
+        self.detector = model if isinstance(model, Detector) else model()
+        self.settings = settings
+        self._stack = ExitStack()
+        self.pool = self._stack.enter_context(parallel.pool(threads, "threads", name="decode"))
+
+    def key(self) -> str:
+        return run_key(self.detector, self.settings)
+
+    def make(self, tmp: Path, shard: str, *, progress: Callable[[int], None]) -> None:
+        table = detect_shard(shard, self.detector, self.settings, self.pool, progress)
+        write_table(tmp, table, REGIONS_SCHEMA)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
 def detect(
     shards: list[Path],
     out: Path,
     scratch: Path,
-    detector: Detector,
+    detector: Detector | Callable[[], Detector],
     settings: Settings,
     workers: int = 2,
     progress: bool = True,
+    backend: Backend = LOCAL,
 ) -> dict:
     """Regions of every shard into `out` (REGIONS_SCHEMA), resuming from the parts in `scratch`;
-    returns the counts for the metrics file. Parts of other runs are removed once `out` is whole."""
-    store = parts.Parts(scratch, run_key(detector, settings))
+    returns the counts for the metrics file. Parts of other runs are removed once `out` is whole.
+    `detector` is the model, or on the Ray backend a picklable function that loads it."""
+    if backend.kind != "local" and isinstance(detector, Detector):
+        raise TypeError("the Ray backend loads the model on its workers: pass a function that loads it")
     bar = tqdm(desc="detect", unit="img", disable=not progress)
-    with parallel.pool(workers, "threads", name="decode") as pool:
-        for shard in shards:
-
-            def make(tmp: Path, shard: Path = shard) -> None:
-                write_table(tmp, detect_shard(shard, detector, settings, pool, bar.update), REGIONS_SCHEMA)
-
-            store.get(f"{shard.stem}-{file_digest(shard)[:16]}.parquet", make)
+    with backend.start(partial(Worker, detector, settings, workers)) as pool:
+        store = parts.Parts(scratch, pool.ask("key"))
+        jobs = [parts.Job(f"{s.stem}-{file_digest(s)[:16]}.parquet", (str(s),)) for s in shards]
+        for _ in store.compute(jobs, pool, bar.update):
             bar.set_postfix(shards=f"{len(store.used)}/{len(shards)}", reused=store.reused)
     bar.close()
     concat_parquet(out, store.used, REGIONS_SCHEMA)

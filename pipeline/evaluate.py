@@ -9,9 +9,10 @@ of that place, so a study can bootstrap intervals over queries and pair two mode
 queries (pipeline/study.py). Beside it, the query's best few candidates (what the report's gallery
 shows).
 
-Images stream from the curated WebDataset shards through a DataLoader (decoding in worker
-processes, each taking every n-th sample, so any number of shards keeps every worker busy) into
-batched `encode_image`; CUDA with autocast when the device is a GPU, float32 on CPU. Only the
+Images stream from the curated WebDataset shards into batched `encode_image`, in batches that
+never cross a shard: here through a DataLoader whose worker processes take whole shards, on the
+Ray backend one job per shard on workers that hold the model; the same batches either way, so the
+same embeddings. CUDA with autocast when the device is a GPU, float32 on CPU. Only the
 embeddings are kept, in manifest order; the metrics are those of pipeline.metrics.
 """
 
@@ -20,8 +21,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import open_clip
 import pyarrow as pa
@@ -30,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from pipeline import images, metrics
+from pipeline import images, metrics, parallel, runtime
 from pipeline.errors import InputError, MissingOutput
 from pipeline.evalsets import (
     CLASSNAMES,
@@ -47,6 +51,9 @@ from pipeline.evalsets import (
 )
 from pipeline.models import clip
 from pipeline.shards import read_shard
+
+if TYPE_CHECKING:
+    from pipeline.backend import Workers
 
 RECALL_KS = (1, 5, 10)
 TOP_KS = (1, 5)
@@ -67,42 +74,103 @@ def prompt_templates(prompts: str) -> tuple:
 # --- images from shards ------------------------------------------------------------------------
 
 
+def shard_batches(
+    path: Path, transform: Callable, batch_size: int, pool: Executor | None = None
+) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(keys, preprocessed images) of one shard, in batches of `batch_size` that never cross a
+    shard: the batches, and so the float rounding of their embeddings, are the same whoever
+    decodes them and however many decode. `pool` (threads) decodes ahead; None: here."""
+
+    def decode(item: tuple[str, dict[str, bytes]]) -> tuple[str, torch.Tensor]:
+        key, sample = item
+        if images.image_member(sample) is None:
+            raise InputError(f"{path}: sample {key!r} has no image ({', '.join(sorted(sample))})")
+        img = images.decode_sample(sample)
+        if isinstance(img, images.Reject):
+            raise InputError(f"{path}: sample {key!r}: {img.reason}: {img.detail}")
+        return key, transform(img)
+
+    batch: list[tuple[str, torch.Tensor]] = []
+    for item in parallel.ordered_map(decode, read_shard(path), pool, window=2 * batch_size):
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield [k for k, _ in batch], torch.stack([x for _, x in batch])
+            batch = []
+    if batch:
+        yield [k for k, _ in batch], torch.stack([x for _, x in batch])
+
+
 class ShardImages(IterableDataset):
-    """(manifest index, preprocessed image) for every sample of the shards, in shard order.
+    """shard_batches of every shard: DataLoader worker w of W takes shards w, w + W, … whole, so
+    each tar is read once (a worker that took every n-th sample would read every tar)."""
 
-    Worker w of W decodes samples w, w + W, …: the tar stream is read by every worker (cheap),
-    the decoding is shared evenly whatever the number of shards."""
+    def __init__(self, paths: Sequence[Path], transform: Callable, batch_size: int):
+        self.paths, self.transform, self.batch_size = list(paths), transform, batch_size
 
-    def __init__(self, root: Path, shards: Sequence[str], index: dict[str, int], transform: Callable):
-        self.root, self.shards, self.index, self.transform = Path(root), list(shards), index, transform
-
-    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[list[str], torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        n = 0
-        for shard in self.shards:
-            path = self.root / shard
-            for key, sample in read_shard(path):
-                if key not in self.index:
-                    raise InputError(f"{path}: sample {key!r} is not in the set's manifest")
-                mine, n = n % workers == worker, n + 1
-                if not mine:
-                    continue
-                if images.image_member(sample) is None:
-                    raise InputError(f"{path}: sample {key!r} has no image ({', '.join(sorted(sample))})")
-                img = images.decode_sample(sample)
-                if isinstance(img, images.Reject):
-                    raise InputError(f"{path}: sample {key!r}: {img.reason}: {img.detail}")
-                yield self.index[key], self.transform(img)
+        for path in self.paths[worker::workers]:
+            yield from shard_batches(path, self.transform, self.batch_size)
 
 
-# --- the encoder ---------------------------------------------------------------------------------
+class Embeddings:
+    """Embeddings of the keys of a set, in manifest order, filled batch by batch in any order:
+    a key twice, a sample the manifest lacks or a key no shard holds is an error."""
+
+    def __init__(self, keys: Sequence[str], desc: str):
+        self.keys, self.desc = list(keys), desc
+        self.index = {key: i for i, key in enumerate(keys)}
+        if len(self.index) != len(keys):
+            raise InputError(f"{desc}: the manifest lists a key twice")
+        self.out: torch.Tensor | None = None
+        self.seen = torch.zeros(len(keys), dtype=torch.bool)
+
+    def put(self, shard: Path, keys: Sequence[str], emb: torch.Tensor) -> None:
+        unknown = [k for k in keys if k not in self.index]
+        if unknown:
+            raise InputError(f"{shard}: sample {unknown[0]!r} is not in the set's manifest")
+        idx = torch.tensor([self.index[k] for k in keys], dtype=torch.int64)
+        if self.out is None:
+            self.out = torch.empty(len(self.keys), emb.shape[1])
+        if self.seen[idx].any():
+            raise InputError(f"{self.desc}: a key appears in more than one sample of the shards")
+        self.out[idx], self.seen[idx] = emb, True
+
+    def whole(self) -> torch.Tensor:
+        if self.out is None or not self.seen.all():
+            missing = [self.keys[i] for i in (~self.seen).nonzero()[:3, 0].tolist()]
+            raise InputError(
+                f"{self.desc}: {int((~self.seen).sum())} manifest key(s) not in the shards, e.g. {missing}"
+            )
+        return self.out
+
+
+# --- the encoders --------------------------------------------------------------------------------
+
+
+class Encodes(Protocol):
+    """What the evaluation needs of a model: whole sets of images and texts, and a classifier."""
+
+    def images(
+        self, root: Path, keys: Sequence[str], shards: Sequence[str], desc: str = "images"
+    ) -> torch.Tensor: ...
+    def texts(self, texts: Sequence[str], desc: str = "texts") -> torch.Tensor: ...
+    def classes(self, classnames: Sequence[str], templates: Sequence) -> torch.Tensor: ...
+
+
+def load_encoder(model: str, weights: str, device: str) -> clip.Encoder:
+    """The CLIP checkpoint to evaluate, on `device` (a runtime.device setting)."""
+    dev = runtime.pick_device(device)
+    net, preprocess, tokenizer = clip.create(model, weights, dev)
+    return clip.Encoder(net, preprocess, tokenizer, dev)
 
 
 @dataclass
 class SetEncoder:
-    """Whole evaluation sets through a CLIP encoder, batched: images read and decoded from their
-    shards by DataLoader workers. Every embedding L2-normalised float32 on the CPU."""
+    """Whole evaluation sets through a CLIP encoder in this process, batched: images read and
+    decoded from their shards by DataLoader workers. Every embedding L2-normalised float32 on
+    the CPU."""
 
     encoder: clip.Encoder
     batch_size: int
@@ -114,33 +182,19 @@ class SetEncoder:
     ) -> torch.Tensor:
         """Embeddings of the images `keys` (found in `shards`, paths relative to root), in the
         order of `keys`. Every key must be in the shards and every shard sample among the keys."""
-        index = {key: i for i, key in enumerate(keys)}
-        if len(index) != len(keys):
-            raise InputError(f"{desc}: the manifest lists a key twice")
-        dataset = ShardImages(root, list(dict.fromkeys(shards)), index, self.encoder.preprocess)
+        found = Embeddings(keys, desc)
+        paths = [Path(root) / s for s in dict.fromkeys(shards)]
         loader = DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.workers if self.workers > 1 else 0,
+            ShardImages(paths, self.encoder.preprocess, self.batch_size),
+            batch_size=None,
+            num_workers=min(self.workers, len(paths)) if self.workers > 1 else 0,
             pin_memory=self.encoder.device.type == "cuda",
         )
-        out: torch.Tensor | None = None
-        seen = torch.zeros(len(keys), dtype=torch.bool)
         with tqdm(total=len(keys), desc=desc, disable=not self.progress, leave=False) as bar:
-            for idx, pixels in loader:
-                emb = self.encoder.encode_images(pixels, normalize=True)
-                if out is None:
-                    out = torch.empty(len(keys), emb.shape[1])
-                if seen[idx].any():
-                    raise InputError(f"{desc}: a key appears in more than one sample of the shards")
-                out[idx], seen[idx] = emb, True
-                bar.update(len(idx))
-        if out is None or not seen.all():
-            missing = [keys[i] for i in (~seen).nonzero()[:3, 0].tolist()]
-            raise InputError(
-                f"{desc}: {int((~seen).sum())} manifest key(s) not in the shards, e.g. {missing}"
-            )
-        return out
+            for batch_keys, pixels in loader:
+                found.put(Path(root), batch_keys, self.encoder.encode_images(pixels, normalize=True))
+                bar.update(len(batch_keys))
+        return found.whole()
 
     def texts(self, texts: Sequence[str], desc: str = "texts") -> torch.Tensor:
         chunks = []
@@ -154,6 +208,69 @@ class SetEncoder:
         """One embedding per class: the mean of its normalised prompt embeddings, renormalised
         (open_clip's own classifier builder)."""
         return self.encoder.classifier(classnames, templates, self.batch_size)
+
+
+class Worker:
+    """An evaluate worker (pipeline.backend): the model, loaded once, encoding whole shards and
+    chunks of texts with the same batches as SetEncoder, so that its embeddings are the same."""
+
+    def __init__(self, load: Callable[[], clip.Encoder], batch_size: int, threads: int):
+        self.encoder = load()
+        self.local = SetEncoder(self.encoder, batch_size, 0, progress=False)
+        self._stack = ExitStack()
+        self.pool = self._stack.enter_context(parallel.pool(threads, "threads", name="decode"))
+
+    def key(self) -> str:
+        return f"{self.encoder.device.type} amp={self.encoder.amp}"
+
+    def encode_shard(self, path: str, *, progress: Callable[[int], None]) -> tuple[list[str], torch.Tensor]:
+        keys: list[str] = []
+        chunks = []
+        for batch_keys, pixels in shard_batches(
+            Path(path), self.encoder.preprocess, self.local.batch_size, self.pool
+        ):
+            keys += batch_keys
+            chunks.append(self.encoder.encode_images(pixels, normalize=True))
+            progress(len(batch_keys))
+        return keys, torch.cat(chunks) if chunks else torch.empty(0, self.encoder.dim)
+
+    def encode_texts(self, texts: list[str], *, progress: Callable[[int], None]) -> torch.Tensor:
+        return self.local.texts(texts)
+
+    def classifier(
+        self, classnames: list[str], templates: list, *, progress: Callable[[int], None]
+    ) -> torch.Tensor:
+        return self.local.classes(classnames, templates)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+@dataclass
+class RemoteSetEncoder:
+    """SetEncoder's work on a backend's workers (Ray): a job per shard, per chunk of texts."""
+
+    workers: Workers
+    batch_size: int
+    progress: bool = True
+
+    def images(
+        self, root: Path, keys: Sequence[str], shards: Sequence[str], desc: str = "images"
+    ) -> torch.Tensor:
+        found = Embeddings(keys, desc)
+        paths = [Path(root) / s for s in dict.fromkeys(shards)]
+        with tqdm(total=len(keys), desc=desc, disable=not self.progress, leave=False) as bar:
+            results = self.workers.map("encode_shard", [(str(p),) for p in paths], progress=bar.update)
+            for path, (batch_keys, emb) in zip(paths, results):
+                found.put(path, batch_keys, emb)
+        return found.whole()
+
+    def texts(self, texts: Sequence[str], desc: str = "texts") -> torch.Tensor:
+        chunks = [(list(texts[s : s + self.batch_size]),) for s in range(0, len(texts), self.batch_size)]
+        return torch.cat(list(self.workers.map("encode_texts", chunks)))
+
+    def classes(self, classnames: Sequence[str], templates: Sequence) -> torch.Tensor:
+        return next(iter(self.workers.map("classifier", [(list(classnames), list(templates))])))
 
 
 # --- the evaluation ------------------------------------------------------------------------------
@@ -205,9 +322,7 @@ def _queries(
     }
 
 
-def retrieval(
-    encoder: SetEncoder, curated: Path, name: str
-) -> tuple[dict, dict[str, list[float]], list[dict]]:
+def retrieval(encoder: Encodes, curated: Path, name: str) -> tuple[dict, dict[str, list[float]], list[dict]]:
     rows = _manifest(manifest(curated, name), ["key", "shard", "captions"])
     img = encoder.images(curated, [r["key"] for r in rows], [r["shard"] for r in rows], f"{name} images")
     captions = [c for r in rows for c in r["captions"]]
@@ -243,7 +358,7 @@ def retrieval(
     return result, curves, queries
 
 
-def zero_shot(encoder: SetEncoder, curated: Path, name: str, templates: Sequence) -> tuple[dict, dict]:
+def zero_shot(encoder: Encodes, curated: Path, name: str, templates: Sequence) -> tuple[dict, dict]:
     rows = _manifest(manifest(curated, name), ["key", "shard", "label"])
     classnames = read_classnames(curated, name)
     labels = torch.tensor([r["label"] for r in rows], dtype=torch.int64)
@@ -263,7 +378,7 @@ def zero_shot(encoder: SetEncoder, curated: Path, name: str, templates: Sequence
     return result, _queries(name, "zero_shot", places, top=metrics.top_candidates(img, classes, TOP_SHOWN))
 
 
-def probe(encoder: SetEncoder, curated: Path, name: str) -> tuple[dict, dict]:
+def probe(encoder: Encodes, curated: Path, name: str) -> tuple[dict, dict]:
     """A compositional probe (SugarCrepe's format): each image embedded once, however many items
     name it; accuracy per category and their mean. Beside them, the text side's ceiling: the mean
     cosine of each item's true caption and its negative in the (frozen) text tower. Near 1 the
@@ -293,7 +408,7 @@ def probe(encoder: SetEncoder, curated: Path, name: str) -> tuple[dict, dict]:
     return result, _queries(name, "probe", places, categories)
 
 
-def evaluate(encoder: SetEncoder, curated: Path | str, datasets: Sequence[str], prompts: str) -> Evaluation:
+def evaluate(encoder: Encodes, curated: Path | str, datasets: Sequence[str], prompts: str) -> Evaluation:
     """Embed and score every data set in `datasets` (names from DATASETS) with one model."""
     curated = Path(curated)
     templates = prompt_templates(prompts)

@@ -8,8 +8,9 @@ it) and written under a temporary name, renamed when whole. A killed run therefo
 the shards without a part, a changed shard or setting never reuses a stale part, and once the
 output is assembled the parts of other runs and of shards no longer read are pruned.
 
-A part is a pure function of its inputs, so it does not matter where it was computed: this is
-also the unit a distributed backend would compute.
+A part is a pure function of its inputs, so it does not matter where it was computed: the
+backend (pipeline.backend) makes each absent part in this process or on a Ray worker, and a run
+killed on one backend resumes on the other.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.files import atomic_dir, atomic_file, remove_unfinished
+
+if TYPE_CHECKING:
+    from pipeline.backend import Workers
 
 RUN_KEY = re.compile(r"[0-9a-f]{16}")
 
@@ -49,31 +54,66 @@ def run_key(spec: Mapping[str, Any], modules: Iterable[ModuleType | str]) -> str
     return digest({**spec, "code": code_digests(modules)})
 
 
-class Parts:
-    """The part folder of one run: `get` returns a shard's part, computing it when absent;
-    `prune` removes what this run did not use."""
+@dataclass(frozen=True)
+class Job:
+    """One part to compute: its name in the run folder, the worker's `make` arguments after the
+    temporary path, and the names of parts it reads (computed first)."""
 
-    def __init__(self, scratch: Path | str, key: str):
+    name: str
+    args: tuple
+    after: tuple[str, ...] = ()
+
+
+class PartMaker:
+    """The worker side of a part: `make(tmp, *args, progress=…)` writes it at a temporary path
+    (a file, or with folder=True a folder) that becomes the part only when make returns."""
+
+    def make(self, tmp: Path, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def make_part(self, path: str, folder: bool, args: tuple, progress: Callable[[int], None]) -> None:
+        with atomic_dir(Path(path)) if folder else atomic_file(Path(path)) as tmp:
+            self.make(tmp, *args, progress=progress)
+
+
+class Parts:
+    """The part folder of one run: `compute` has the workers (pipeline.backend) make the parts
+    that are absent; `prune` removes what this run did not use."""
+
+    def __init__(self, scratch: Path | str, key: str, folders: bool = False):
         if not RUN_KEY.fullmatch(key):
             raise ValueError(f"run key {key!r}: expected 16 hex digits")
         self.scratch = Path(scratch)
         self.folder = self.scratch / key
+        self.folders = folders  # each part a folder, not a file
         self.folder.mkdir(parents=True, exist_ok=True)
         remove_unfinished(self.folder)  # a killed run's half-written part
         self.used: list[Path] = []
         self.reused = 0
 
-    def get(self, name: str, make: Callable[[Path], None], folder: bool = False) -> Path:
-        """The part `name`; when absent, `make(tmp)` writes it (a file, or with folder=True a
-        folder) at a temporary path that becomes the part only when make returns."""
-        part = self.folder / name
-        if part.exists():
-            self.reused += 1
-        else:
-            with atomic_dir(part) if folder else atomic_file(part) as tmp:
-                make(tmp)
-        self.used.append(part)
-        return part
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    def compute(
+        self, jobs: list[Job], workers: Workers, progress: Callable[[int], None] | None = None
+    ) -> Iterator[tuple[Job, bool]]:
+        """Every job's part, made by `workers` where absent; yields (job, reused) in job order as
+        each part is whole, so a killed run keeps every finished part."""
+        todo = [j for j in jobs if not self.path(j.name).exists()]
+        position = {j.name: i for i, j in enumerate(todo)}
+        after = [[position[a] for a in j.after if a in position] for j in todo]
+        calls = [(str(self.path(j.name)), self.folders, j.args) for j in todo]
+        made = workers.map("make_part", calls, after, progress)
+        for job in jobs:
+            fresh = job.name in position
+            if fresh:
+                next(made)
+            else:
+                self.reused += 1
+            self.used.append(self.path(job.name))
+            yield job, not fresh
+        for _ in made:  # nothing left: every job was taken above
+            pass
 
     def prune(self) -> None:
         """Remove other runs' part folders and the parts of shards this run did not read."""

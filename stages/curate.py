@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from pipeline.backend import Backend
 from pipeline.captions import clip_token_counter
 from pipeline.config import Params, load_params, settings
 from pipeline.curate import Settings, SourcePaths, curate
@@ -50,10 +51,11 @@ def run(params_file: Path, info_file: Path = INFO, progress: bool = True) -> dic
     start = time.perf_counter()
     cfg = params.curate
     step = settings(Settings, cfg, mix=cfg.mix.model_dump(), max_tokens=max_tokens)
-    metrics = curate(step, paths, root / cfg.out, count_tokens, params.runtime.workers, progress)
+    rt = params.runtime
+    metrics = curate(step, paths, root / cfg.out, count_tokens, rt.workers, progress, Backend.of(rt))
     seconds = time.perf_counter() - start
     write_json(root / info_file, metrics)
     pairs = {s: m["kept_pairs"] for s, m in metrics["train"].items() if s != "total"}
     shards = metrics["train"]["total"]["shards"]
-    print(json.dumps({"seconds": round(seconds, 1), "pairs": pairs, "shards": shards}))
+    print(json.dumps({"seconds": round(seconds, 1), "backend": rt.backend, "pairs": pairs, "shards": shards}))
     return metrics

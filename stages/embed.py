@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
+from pipeline.backend import Backend
 from pipeline.config import load_params, settings
 from pipeline.embed import Settings, embed
-from pipeline.models.clip import load_encoder
+from pipeline.models.clip import Encoder, load_encoder
 from pipeline.shards import verify_shards
 from stages.outputs import info_path, require, write_json
 
@@ -25,7 +27,9 @@ def run(params_file: Path, info_file: Path = INFO, progress: bool = True) -> dic
     require(
         params_file, [(train, "curate"), (manifest, "curate"), (regions, "detect"), (checkpoint, "weights")]
     )
-    encoder = load_encoder(params.clip.model, str(checkpoint), rt.device)
+    backend = Backend.of(rt)
+    load = partial(load_encoder, params.clip.model, str(checkpoint), rt.device)
+    encoder = load() if backend.kind == "local" else load  # Ray: each worker loads its own copy
     step = settings(Settings, cfg, batch_size=rt.batch_size.embed)
     start = time.perf_counter()
     metrics = embed(
@@ -38,10 +42,12 @@ def run(params_file: Path, info_file: Path = INFO, progress: bool = True) -> dic
         step,
         rt.workers,
         progress,
+        backend,
     )
     seconds = time.perf_counter() - start
     write_json(root / info_file, metrics)
     summary = {k: metrics[k] for k in ("pairs", "images", "regions", "rejects")}
-    summary.update(seconds=round(seconds, 1), device=str(encoder.device), amp=encoder.amp)
+    where = f"{encoder.device} amp={encoder.amp}" if isinstance(encoder, Encoder) else "ray workers"
+    summary.update(seconds=round(seconds, 1), backend=backend.kind, device=where)
     print(json.dumps(summary))
     return metrics

@@ -5,19 +5,30 @@ outcome, which the study's intervals and paired differences are computed from.""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import re
 import time
+from functools import partial
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from pipeline.backend import Backend
 from pipeline.config import Clip, ParamsError, load_params, looks_like_path
-from pipeline.evaluate import SetEncoder, curve_rows, evaluate, images_per_second, queries_table
-from pipeline.models.clip import Encoder, create
-from pipeline.runtime import pick_device
+from pipeline.evaluate import (
+    Encodes,
+    RemoteSetEncoder,
+    SetEncoder,
+    Worker,
+    curve_rows,
+    evaluate,
+    images_per_second,
+    load_encoder,
+    queries_table,
+)
 from pipeline.tables import write_table
 from stages.outputs import METRICS_DIR, write_record
 
@@ -58,14 +69,21 @@ def run(
         message = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
         raise ParamsError(f"weights of model {model!r}: {message}") from None
     rt = params.runtime
-    device = pick_device(rt.device)
     resolved = str(root / weights) if looks_like_path(weights) else weights
-    net, preprocess, tokenizer = create(params.clip.model, resolved, device)
-    clip = Encoder(net, preprocess, tokenizer, device)
-    encoder = SetEncoder(clip, rt.batch_size.evaluate, rt.workers, progress)
-    start = time.perf_counter()
-    result = evaluate(encoder, root / params.curate.out, cfg.datasets, cfg.prompts)
-    seconds = time.perf_counter() - start
+    load = partial(load_encoder, params.clip.model, resolved, rt.device)
+    backend = Backend.of(rt)
+    with contextlib.ExitStack() as stack:
+        encoder: Encodes
+        if backend.kind == "local":
+            encoder = SetEncoder(load(), rt.batch_size.evaluate, rt.workers, progress)
+        else:  # every Ray worker loads its own copy, on its own device
+            workers = stack.enter_context(
+                backend.start(partial(Worker, load, rt.batch_size.evaluate, rt.workers))
+            )
+            encoder = RemoteSetEncoder(workers, rt.batch_size.evaluate, progress)
+        start = time.perf_counter()
+        result = evaluate(encoder, root / params.curate.out, cfg.datasets, cfg.prompts)
+        seconds = time.perf_counter() - start
     out = root / metrics_dir
     write_record(out, model, result.metrics, INFO_KEYS, sort_keys=False)
     if result.curves:
@@ -75,7 +93,8 @@ def run(
     summary = {
         "model": model,
         "weights": weights,
-        "device": str(device),
+        "backend": backend.kind,
+        "device": str(encoder.encoder.device) if isinstance(encoder, SetEncoder) else "ray workers",
         "seconds": round(seconds, 1),
         "images_per_second": round(images_per_second(result), 1),
         "seconds_per_set": result.seconds,

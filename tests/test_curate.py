@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.backend import Backend
 from pipeline.captions import check_captions, clean_caption, clip_token_counter
 from pipeline.config import Curate, ParamsError
 from pipeline.config import settings as build_settings
@@ -560,7 +561,7 @@ def test_decoder_keeps_order_and_reads_ahead_only_a_bounded_window():
             pulled += 1
             yield i, b"x" * (i % 7)
 
-    with Decoder(2) as decoder:
+    with Decoder(Backend(threads=2)) as decoder:
         results = []
         for meta, n in decoder.map(len, jobs()):
             results.append((meta, n))
@@ -568,7 +569,7 @@ def test_decoder_keeps_order_and_reads_ahead_only_a_bounded_window():
                 break
         assert results == [(i, i % 7) for i in range(40)]
         assert pulled <= 40 + 2 * 3 * CHUNK + CHUNK
-    with Decoder(1) as decoder:
+    with Decoder(Backend(threads=1)) as decoder:
         assert list(decoder.map(len, ((i, b"ab") for i in range(5)))) == [(i, 2) for i in range(5)]
 
 

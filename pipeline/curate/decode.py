@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import images, parallel
+from pipeline.backend import Backend
 from pipeline.images import Reject
 
 # Decoding: tasks of CHUNK images; at most IN_FLIGHT_PER_WORKER tasks per worker queued ahead.
@@ -47,17 +48,19 @@ def prepare(payload: str | bytes | None, size: int, quality: int) -> images.Prep
 
 
 class Decoder:
-    """`prepare` jobs over worker processes (pipeline.parallel): in job order, with a bounded
-    window, so memory holds a few chunks and a consumer that stops early wastes at most the
-    window. workers=1 runs in this process; results are the same."""
+    """`prepare` jobs over the backend's processes (pipeline.backend: local processes or Ray
+    tasks): in job order, with a bounded window, so memory holds a few chunks and a consumer that
+    stops early wastes at most the window. One local worker runs in this process; results are
+    the same everywhere."""
 
-    def __init__(self, workers: int):
-        self.workers = workers
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.slots = 1
         self._stack = contextlib.ExitStack()
         self._executor: Executor | None = None
 
     def __enter__(self) -> Decoder:
-        self._executor = self._stack.enter_context(parallel.pool(self.workers, "processes"))
+        self._executor, self.slots = self._stack.enter_context(self.backend.processes())
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -73,7 +76,7 @@ class Decoder:
                 metas.append(meta)
                 yield payload
 
-        window = self.workers * IN_FLIGHT_PER_WORKER
+        window = self.slots * IN_FLIGHT_PER_WORKER
         for result in parallel.ordered_map(fn, payloads(), self._executor, window, chunk=CHUNK):
             yield metas.popleft(), result
 

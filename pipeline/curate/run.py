@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline import evalsets
+from pipeline.backend import LOCAL, Backend
 from pipeline.captions import TokenCounter
 from pipeline.curate.decode import Decoder, Spill, prepare
 from pipeline.curate.heldout import (
@@ -81,15 +83,19 @@ def curate(
     count_tokens: TokenCounter,
     workers: int = 2,
     progress: bool = True,
+    backend: Backend = LOCAL,
 ) -> dict:
-    """Run the whole curation into `out` (replaced atomically); returns the metrics.
+    """Run the whole curation into `out` (replaced atomically); returns the metrics. Images are
+    decoded in `workers` processes, or on the Ray backend in Ray tasks; selection, the hash sets
+    of the leakage guard and de-duplication, and writing stay in this process, so they are exact.
 
     Raises SourceError for a malformed raw file (naming the file and key); bad images and
     captions are refused and recorded, never raised."""
     with atomic_dir(out) as tmp:
         spill = Spill(tmp / ".spill")
         try:
-            return _curate(cfg, paths, tmp, spill, count_tokens, workers, progress)
+            place = replace(backend, threads=workers)
+            return _curate(cfg, paths, tmp, spill, count_tokens, place, progress)
         finally:
             spill.close()  # the spill file is scratch: gone before the folder is renamed into place
 
@@ -100,7 +106,7 @@ def _curate(
     tmp: Path,
     spill: Spill,
     count_tokens: TokenCounter,
-    workers: int,
+    backend: Backend,
     progress: bool,
 ) -> dict:
     ledger = Ledger()
@@ -140,7 +146,7 @@ def _curate(
     val: dict[str, dict] = {}
     test: dict[str, dict] = {}
     probe: dict[str, dict] = {}
-    with Decoder(workers) as decoder:
+    with Decoder(backend) as decoder:
         retrieval = (
             ("coco", coco_heldout, paths.coco_karpathy, paths.coco_test),
             ("flickr30k", flickr_heldout, paths.flickr30k_karpathy, paths.flickr30k_test),

@@ -1,4 +1,5 @@
-"""embed over every shard, resumable: parts under scratch/<run key>/, assembled into the output."""
+"""embed over every shard, resumable: parts under scratch/<run key>/, made on a backend (here, or
+Ray workers: pipeline.backend), assembled into the output."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import os
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import images, parallel, parts, regions
+from pipeline.backend import LOCAL, Backend
 from pipeline.embed.plan import Detection, Plan, ShardPlan, read_detections
 from pipeline.embed.shard import Part, Stored, embed_shard
 from pipeline.embed.tables import TABLES, EmbedError, Settings, schemas
@@ -92,39 +97,81 @@ def read_stored(part: Path, wanted: set[str]) -> dict[str, Stored]:
     return out
 
 
+class Worker(parts.PartMaker):
+    """An embed worker (pipeline.backend): its CLIP encoder, loaded once, and its crop threads."""
+
+    def __init__(self, encoder: Encoder | Callable[[], Encoder], settings: Settings, threads: int):
+        self.encoder = encoder if isinstance(encoder, Encoder) else encoder()
+        self.settings = settings
+        self._stack = ExitStack()
+        self.pool = self._stack.enter_context(parallel.pool(threads, "threads", name="crop"))
+
+    def key(self) -> str:
+        return run_key(self.encoder, self.settings)
+
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    def make(
+        self,
+        tmp: Path,
+        shard: str,
+        plan: ShardPlan,
+        dets: dict[str, Detection],
+        homes: dict[str, str],
+        *,
+        progress: Callable[[int], None],
+    ) -> None:
+        """The part of `shard`; `homes` maps the shards whose parts hold some of its images to
+        those parts (made before this one)."""
+
+        def elsewhere(wanted: dict[str, set[str]]) -> dict[str, Stored]:
+            found: dict[str, Stored] = {}
+            for home, imgs in sorted(wanted.items()):
+                if home not in homes:
+                    raise EmbedError(
+                        f"images {sorted(imgs)[:3]} are encoded in shard {home}, which was not embedded"
+                    )
+                found.update(read_stored(Path(homes[home]), imgs))
+            return found
+
+        part = embed_shard(
+            Path(shard), dets, plan, self.encoder, self.settings, self.pool, elsewhere, progress
+        )
+        write_part(tmp, part)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
 def embed(
     shards: list[Path],
     manifest: Path,
     regions_table: Path,
     out: Path,
     scratch: Path,
-    encoder: Encoder,
+    encoder: Encoder | Callable[[], Encoder],
     settings: Settings,
     workers: int = 2,
     progress: bool = True,
+    backend: Backend = LOCAL,
 ) -> dict:
     """Embeddings of every shard's pairs into `out` (see the module doc), resuming from the parts
     in `scratch`; returns the counts for the metrics file. Other runs' parts are removed once
-    `out` is whole."""
-    store = parts.Parts(scratch, run_key(encoder, settings))
+    `out` is whole. `encoder` is the model, or on the Ray backend a picklable function that
+    loads it. A shard whose images were first encoded in earlier shards waits for their parts."""
+    if backend.kind != "local" and isinstance(encoder, Encoder):
+        raise TypeError("the Ray backend loads the model on its workers: pass a function that loads it")
     plan = Plan.read(manifest)
     absent = sorted(set(plan.shard_names()) - {s.name for s in shards})
     if absent:
         raise EmbedError(f"{manifest}: lists pairs in shard(s) {absent[:3]} that are not among the shards")
-    part_of: dict[str, Path] = {}
     bar = tqdm(desc="embed", unit="pair", disable=not progress)
-
-    def elsewhere(wanted: dict[str, set[str]]) -> dict[str, Stored]:
-        found: dict[str, Stored] = {}
-        for home, imgs in sorted(wanted.items()):
-            if home not in part_of:
-                raise EmbedError(
-                    f"images {sorted(imgs)[:3]} are encoded in shard {home}, which was not embedded"
-                )
-            found.update(read_stored(part_of[home], imgs))
-        return found
-
-    with parallel.pool(workers, "threads", name="crop") as pool:
+    with backend.start(partial(Worker, encoder, settings, workers)) as pool:
+        store = parts.Parts(scratch, pool.ask("key"), folders=True)
+        dim = pool.ask("dim")
+        part_of: dict[str, str] = {}  # shard name → its part's name
+        jobs, pairs = [], {}
         for shard in shards:
             sp = plan.shard(shard.name)
             if not sp.image:
@@ -132,21 +179,23 @@ def embed(
                     f"{manifest}: no pairs of shard {shard.name}; the manifest and shards differ"
                 )
             dets = read_detections(regions_table, shard.name)
-            homes = sorted({part_of[h].name for h in sp.home.values() if h != shard.name and h in part_of})
+            homes = sorted({h for h in sp.home.values() if h != shard.name and h in part_of})
             digest = hashlib.sha256(
-                json.dumps([file_digest(shard), _detections_digest(dets), sp.digest(), homes]).encode()
+                json.dumps(
+                    [file_digest(shard), _detections_digest(dets), sp.digest(), [part_of[h] for h in homes]]
+                ).encode()
             ).hexdigest()[:16]
-
-            def make(tmp: Path, shard: Path = shard, sp: ShardPlan = sp, dets: dict = dets) -> None:
-                write_part(tmp, embed_shard(shard, dets, sp, encoder, settings, pool, elsewhere, bar.update))
-
-            reused = store.reused
-            part_of[shard.name] = store.get(f"{shard.stem}-{digest}", make, folder=True)
-            if store.reused > reused:
-                bar.update(len(sp.image))
-            bar.set_postfix(shards=f"{len(part_of)}/{len(shards)}", reused=store.reused)
+            part_of[shard.name] = name = f"{shard.stem}-{digest}"
+            where = {h: str(store.path(part_of[h])) for h in homes}
+            after = tuple(part_of[h] for h in homes)
+            jobs.append(parts.Job(name, (str(shard), sp, dets, where), after))
+            pairs[name] = len(sp.image)
+        for job, reused in store.compute(jobs, pool, bar.update):
+            if reused:
+                bar.update(pairs[job.name])
+            bar.set_postfix(shards=f"{len(store.used)}/{len(shards)}", reused=store.reused)
     bar.close()
-    assemble(out, [(s.name, part_of[s.name]) for s in shards], encoder.dim)
+    assemble(out, [(s.name, store.path(part_of[s.name])) for s in shards], dim)
     store.prune()
     return summarise(out, len(shards))
 
