@@ -153,8 +153,8 @@ def test_an_edit_that_cannot_change_an_output_reruns_that_stage_alone(reproduced
 
 def test_runtime_keys_are_listed_by_no_stage_and_re_run_nothing(reproduced):
     """Where and how fast the work runs is not a param: a colleague on another machine (more
-    workers, a GPU, other batch sizes, another scratch disk) finds every stage up to date and pulls
-    instead of recomputing."""
+    workers, a GPU, other batch sizes, another scratch disk, a Ray cluster, 8 DDP processes) finds
+    every stage up to date and pulls instead of recomputing."""
     assert not any(k.split(".")[0] == "runtime" for keys in listed_params().values() for k in keys)
     repo = reproduced.root
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -163,6 +163,9 @@ def test_runtime_keys_are_listed_by_no_stage_and_re_run_nothing(reproduced):
         "workers": 7,
         "batch_size": {"detect": 3, "embed": 5, "evaluate": 11},
         "scratch": "data/scratch-elsewhere",
+        "backend": "ray",
+        "ray": {"address": "ray://head:10001", "workers": 64, "gpus_per_worker": 0.5, "cpus_per_worker": 6},
+        "processes": 8,
     }
     assert params["runtime"] != yaml.safe_load((repo / "params.yaml").read_text())["runtime"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
