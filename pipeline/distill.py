@@ -13,6 +13,10 @@ its captions, and a batch never holds one image twice (which would make a positi
 Streaming: an epoch visits the curated shards in a seeded order and each shard's drawn pairs in a
 seeded order, threads decode ahead of the model, and memory holds one shard's worth of images.
 The lookups of cached vectors (three per pair, float16) are held whole.
+
+Several processes (pipeline/distributed.py): every rank reads every shard, to know the epoch's
+order, and decodes only the images of its own share of each global batch; the loss gathers the
+global batch.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from pipeline import images, parallel, parts
+from pipeline import distributed, images, parallel, parts
 from pipeline.errors import InputError
 from pipeline.files import file_digest
 from pipeline.losses import DistillWeights
@@ -146,6 +150,9 @@ class Batch:
     teacher: torch.Tensor  # [B, D]
     base: torch.Tensor | None  # [B, D]
     teacher_mask: torch.Tensor | None = None  # [B] bool: which pairs have a teacher target (None: all)
+    # The rows each rank holds of the global batch (distributed.split), this batch being this
+    # rank's share; one process: (B,). None: a batch made by hand, whole.
+    counts: tuple[int, ...] | None = None
 
 
 def _decode(sample: dict[str, bytes], transform: Callable) -> torch.Tensor | str:
@@ -153,6 +160,30 @@ def _decode(sample: dict[str, bytes], transform: Callable) -> torch.Tensor | str
     if isinstance(image, images.Reject):
         return f"{image.reason}: {image.detail}"
     return transform(image)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which of an epoch's `total` pairs, in epoch order, this rank decodes: its share
+    (distributed.split) of each global batch of `size`; a last batch of one pair is dropped
+    (InfoNCE needs a negative). One process: every pair of every batch."""
+
+    total: int
+    size: int
+    ctx: distributed.Context
+
+    def share(self, index: int) -> tuple[range, tuple[int, ...]]:
+        """This rank's rows (as epoch indices) of the batch holding pair `index`, and every
+        rank's count of that batch's rows."""
+        start = index - index % self.size
+        n = min(self.size, self.total - start)
+        if n < 2:
+            return range(0), ()
+        rows, counts = distributed.split(n, self.ctx)
+        return range(start + rows.start, start + rows.stop), counts
+
+    def mine(self, index: int) -> bool:
+        return index < self.total and index in self.share(index)[0]
 
 
 def epoch_batches(
@@ -164,31 +195,43 @@ def epoch_batches(
     targets: Targets,
     pool: Executor,
     window: int = 64,
+    ctx: distributed.Context | None = None,
 ) -> Iterator[Batch]:
     """One epoch of batches in an order fixed by (seed, epoch): every cached image once, with the
     pair drawn for it (Targets.drawn_pairs). A pair the embed cache lacks (embed refused its image)
     is never drawn; a drawn pair whose image no longer decodes, or that no shard holds, is an
-    error, since the cache and the shards then disagree."""
+    error, since the cache and the shards then disagree.
+
+    `ctx` (default: this process's) of several processes: every rank reads every shard, for the
+    order, and decodes and yields only its share of each batch (`Plan`), one per global batch."""
+    ctx = ctx or distributed.current()
     rng = np.random.default_rng([seed, epoch])
     chosen = targets.drawn_pairs(seed, epoch)
+    plan = Plan(len(chosen), batch_size, ctx)
     seen = 0
+
+    def drawn() -> Iterator[tuple[int, int, str, dict[str, bytes]]]:
+        nonlocal seen
+        for s in rng.permutation(len(shards)):
+            samples = [(k, smp) for k, smp in read_shard(shards[s]) if k in chosen]
+            for i in rng.permutation(len(samples)):
+                if plan.mine(seen):
+                    yield seen, s, *samples[i]
+                seen += 1
+
+    def decode(item: tuple[int, int, str, dict[str, bytes]]) -> tuple[int, int, str, torch.Tensor | str]:
+        index, s, key, sample = item
+        return index, s, key, _decode(sample, transform)
+
     pending: list[tuple[str, torch.Tensor]] = []
-    for s in rng.permutation(len(shards)):
-        samples = [(k, smp) for k, smp in read_shard(shards[s]) if k in chosen]
-        seen += len(samples)
-        order = rng.permutation(len(samples))
-        decoded = parallel.ordered_map(
-            lambda kv: (kv[0], _decode(kv[1], transform)), (samples[i] for i in order), pool, window
-        )
-        for key, pixels in decoded:
-            if isinstance(pixels, str):
-                raise DistillError(f"{shards[s]}: sample {key!r}: {pixels}")
-            pending.append((key, pixels))
-            if len(pending) == batch_size:
-                yield _batch(pending, targets)
-                pending = []
-    if len(pending) >= 2:  # InfoNCE needs a negative
-        yield _batch(pending, targets)
+    for index, s, key, pixels in parallel.ordered_map(decode, drawn(), pool, window):
+        if isinstance(pixels, str):
+            raise DistillError(f"{shards[s]}: sample {key!r}: {pixels}")
+        pending.append((key, pixels))
+        rows, counts = plan.share(index)
+        if index == rows[-1]:  # this rank's last row of the batch
+            yield _batch(pending, targets, counts)
+            pending = []
     if seen != len(chosen):
         raise DistillError(
             f"{len(chosen) - seen} pair(s) of the embed cache are in none of the {len(shards)} curated "
@@ -196,7 +239,7 @@ def epoch_batches(
         )
 
 
-def _batch(items: list[tuple[str, torch.Tensor]], targets: Targets) -> Batch:
+def _batch(items: list[tuple[str, torch.Tensor]], targets: Targets, counts: tuple[int, ...]) -> Batch:
     keys = [k for k, _ in items]
     base = None
     if targets.base is not None:
@@ -213,6 +256,7 @@ def _batch(items: list[tuple[str, torch.Tensor]], targets: Targets) -> Batch:
         teacher,
         base,
         mask,
+        counts,
     )
 
 
@@ -233,9 +277,16 @@ def student_features(model: torch.nn.Module, batch: Batch, device: torch.device)
 
 
 def run_key(
-    model: str, weights: str, settings: Settings, opt: Optimisation, inputs: list[Path], device
+    model: str,
+    weights: str,
+    settings: Settings,
+    opt: Optimisation,
+    inputs: list[Path],
+    device,
+    processes: int = 1,
 ) -> str:
-    """Everything the checkpoints depend on: a resumed run must be the same run."""
+    """Everything the checkpoints depend on: a resumed run must be the same run (several
+    processes sum the gradients in another order: another run, as another device is)."""
     from pipeline import losses, train
     from pipeline.models import student
 
@@ -249,7 +300,9 @@ def run_key(
         "device": device.type,
         "torch": torch.__version__,
     }
-    return parts.run_key(spec, [__name__, losses, train, student])
+    if processes > 1:
+        spec["processes"] = processes
+    return parts.run_key(spec, [__name__, losses, train, student, distributed])
 
 
 def train_student(
@@ -270,12 +323,17 @@ def train_student(
     (train.decay_groups); `freeze_batchnorm` keeps the BatchNorm layers in eval mode, their running
     statistics the base model's. Returns (model, trainer, frozen-side hash); raises DistillError if
     anything outside the image tower changed. `on_step(step, losses)` is called after every
-    optimiser step."""
+    optimiser step.
+
+    Several processes (pipeline/distributed.py): each decodes its share of every global batch,
+    the loss is the global batch's (gathered), and every rank checks the frozen side's hash."""
     from pipeline.losses import distill_loss
     from pipeline.models.student import freeze_for_distillation, frozen_hash, set_train_mode
     from pipeline.train import Trainer, contrastive_batches, decay_groups
 
     batch_size = settings.batch_size
+    ctx = distributed.current()
+    distributed.check_batch_size(batch_size, ctx.world_size, "distill.batch_size")
     before = frozen_hash(model)
     freeze_for_distillation(model, settings.trainable_blocks)
     n = count_images(targets)
@@ -298,10 +356,14 @@ def train_student(
     with parallel.pool(workers, "threads", name="decode") as pool:
 
         def data(epoch: int) -> Iterator[Batch]:
-            return epoch_batches(shards, epoch, opt.seed, batch_size, transform, targets, pool)
+            return epoch_batches(shards, epoch, opt.seed, batch_size, transform, targets, pool, ctx=ctx)
 
         def loss_fn(batch: Batch) -> dict[str, torch.Tensor]:
-            f = student_features(model, batch, device)
+            # The global batch's rows, every rank's (one process: as they are).
+            f = {
+                k: distributed.gather(v, batch.counts)
+                for k, v in student_features(model, batch, device).items()
+            }
             return distill_loss(
                 f["student"], f["text"], f["teacher"], f["base"], scale, weights, f["teacher_mask"]
             )

@@ -16,6 +16,7 @@ Targets (`target`), what the student is pulled toward for a pair (image i, capti
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,12 +24,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import parts
+from pipeline import distributed, parts
 from pipeline.files import file_digest
 from pipeline.losses import info_nce
 from pipeline.models.teacher import PairBatch, TeacherConfig, TeacherWithScale
 from pipeline.tables import write_table
-from pipeline.teacher_pairs import Data, Pair, collate, count_training_pairs, train_batches, validation_pairs
+from pipeline.teacher_pairs import Data, Pair, collate, count_training_pairs, epoch_pairs, validation_pairs
 from pipeline.teacher_validation import validate
 from pipeline.train import Optimisation, Trainer, contrastive_batches
 
@@ -44,8 +45,11 @@ class Settings:
     target: str  # one of TARGETS
 
 
-def run_key(cfg: TeacherConfig, settings: Settings, opt: Optimisation, data: Data, device) -> str:
-    """Everything the checkpoints depend on: a resumed run must be the same run."""
+def run_key(
+    cfg: TeacherConfig, settings: Settings, opt: Optimisation, data: Data, device, processes: int = 1
+) -> str:
+    """Everything the checkpoints depend on: a resumed run must be the same run (several
+    processes sum the gradients in another order: another run, as another device is)."""
     from pipeline import losses, teacher_pairs, teacher_validation, train
     from pipeline.models import teacher
 
@@ -63,7 +67,11 @@ def run_key(cfg: TeacherConfig, settings: Settings, opt: Optimisation, data: Dat
         "device": device.type,
         "torch": torch.__version__,
     }
-    return parts.run_key(spec, [__name__, teacher, teacher_pairs, teacher_validation, train, losses])
+    if processes > 1:
+        spec["processes"] = processes
+    return parts.run_key(
+        spec, [__name__, teacher, teacher_pairs, teacher_validation, train, losses, distributed]
+    )
 
 
 def train_teacher(
@@ -78,7 +86,12 @@ def train_teacher(
     progress: bool = True,
 ) -> tuple[TeacherWithScale, list[dict], dict]:
     """Train (resuming from `checkpoints`), validating every epoch. Returns the model (last
-    epoch), the per-epoch history and the size of the validation slice."""
+    epoch), the per-epoch history and the size of the validation slice.
+
+    Several processes (pipeline/distributed.py): each collates its share of every global batch,
+    and InfoNCE runs on the gathered global batch; every rank validates (the same figures)."""
+    ctx = distributed.current()
+    distributed.check_batch_size(data.batch_size, ctx.world_size, "teacher.batch_size")
     target = settings.target
     if target not in TARGETS:
         raise ValueError(f"teacher.target: {target!r} is not one of {', '.join(TARGETS)}")
@@ -101,9 +114,17 @@ def train_teacher(
         progress=progress,
     )
 
-    def loss_fn(batch: PairBatch) -> dict[str, torch.Tensor]:
+    def batches(epoch: int) -> Iterator[tuple[PairBatch, tuple[int, ...]]]:
+        for pairs in epoch_pairs(data, epoch):
+            mine, counts = distributed.local_rows(pairs, ctx)  # one process: all of them
+            yield collate(mine, data.prior), counts
+
+    def loss_fn(item: tuple[PairBatch, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        batch, counts = item
         batch = batch.to(device)
-        return {"total": info_nce(model(batch), batch.caption, model.scale())}
+        images = distributed.gather(model(batch), counts)  # one process: as they are
+        captions = distributed.gather(batch.caption, counts)
+        return {"total": info_nce(images, captions, model.scale())}
 
     def on_epoch(epoch: int) -> dict[str, float]:
         record = validate(model, val, data.batch_size, device, target, data.seed, data.prior)
@@ -112,7 +133,7 @@ def train_teacher(
             on_epoch_end(epoch, record)
         return record
 
-    history = trainer.fit(lambda e: train_batches(data, e), loss_fn, on_step=on_step, on_epoch=on_epoch)
+    history = trainer.fit(batches, loss_fn, on_step=on_step, on_epoch=on_epoch)
     return model, history, slice_size
 
 

@@ -106,7 +106,7 @@ def collate(pairs: list[Pair], prior: bool = False) -> PairBatch:
     return PairBatch(regions, rmask, weights, tokens, tmask, caption)
 
 
-def train_batches(data: Data, epoch: int) -> Iterator[PairBatch]:
+def epoch_pairs(data: Data, epoch: int) -> Iterator[list[Pair]]:
     """The training pairs of one epoch in batches, in an order fixed by (seed, epoch); a last
     batch of fewer than two pairs is dropped (InfoNCE needs a negative)."""
     rng = np.random.default_rng([data.seed, epoch])
@@ -120,9 +120,15 @@ def train_batches(data: Data, epoch: int) -> Iterator[PairBatch]:
         for i in rng.permutation(len(pairs)):
             batch.append(pairs[i])
             if len(batch) == data.batch_size:
-                yield collate(batch, data.prior)
+                yield batch
                 batch = []
     if len(batch) >= 2:
+        yield batch
+
+
+def train_batches(data: Data, epoch: int) -> Iterator[PairBatch]:
+    """`epoch_pairs`, collated."""
+    for batch in epoch_pairs(data, epoch):
         yield collate(batch, data.prior)
 
 

@@ -4,6 +4,12 @@ clipping, a per-step warm-up + cosine schedule, an atomic checkpoint every epoch
 Resume is exact on CPU: an epoch's data order and random state derive from (seed, epoch) alone,
 never from how many epochs ran in this process, so a run killed after epoch k and resumed from
 its checkpoint reproduces the uninterrupted run's weights.
+
+Data-parallel (pipeline/distributed.py), when the process group is initialised: `data(epoch)`
+yields this rank's share of each global batch and `loss_fn` returns the global batch's loss (it
+gathers every rank's rows); the gradients are averaged over the ranks before each optimiser step,
+so that one step of W processes is the one-process step on the global batch. Rank 0 writes the
+checkpoints while the others wait; every rank resumes from the one rank 0 finds.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline import runtime
+from pipeline import distributed, runtime
+from pipeline.errors import InputError
 from pipeline.files import atomic_torch_save
 
 LossFn = Callable[[Any], dict[str, torch.Tensor]]  # a batch → named terms, "total" among them
@@ -77,9 +84,27 @@ def contrastive_batches(pairs: int, batch_size: int) -> int:
     return pairs // batch_size + (pairs % batch_size >= 2)
 
 
+# Dropout and the like draw from torch's generator, seeded per epoch; rank r > 0 of a
+# data-parallel run draws from its own stream, this far from rank 0's (a rank's mask covers its own
+# rows only, so with dropout a W-process run draws other masks than one process: the same
+# distribution, not the same numbers; the models here have none by default).
+RANK_SEED_STRIDE = 1 << 40
+
+
 class Trainer:
     """Trains `params` of `model` with `loss_fn` over `data(epoch)`, checkpointing every epoch
-    into `checkpoints/epoch-<k>.pt`; `fit` resumes from the latest checkpoint found there."""
+    into `checkpoints/epoch-<k>.pt`; `fit` resumes from the latest checkpoint found there.
+
+    Several processes: the gradients are averaged by hand (`distributed.average_gradients`, one
+    all-reduce per optimiser step, in DDP-sized buckets) rather than by wrapping the model in
+    DistributedDataParallel. The losses call model methods other than forward (the student's
+    `encode_image`), which DDP's hooks do not see unless every call goes through its wrapper;
+    accumulation needs no `no_sync` (nothing is reduced until the step); gradient checkpointing
+    needs none of DDP's static-graph settings; the checkpoints keep the model's own state-dict
+    names. The cost: DDP overlaps its all-reduce with the backward pass, this reduces after it
+    (about one all-reduce of the trainable weights per step, small beside a ViT's backward on
+    one machine's GPUs). Like DDP, the model's state is broadcast from rank 0 at the start, and
+    its buffers (BatchNorm statistics) after every step."""
 
     def __init__(
         self,
@@ -110,6 +135,8 @@ class Trainer:
         self.train_mode = train_mode or (lambda m: m.train())
         self.history: list[dict] = []
         self.steps: list[dict] = []  # per optimiser step: the loss terms and the learning rate
+        self.ctx = distributed.current()
+        distributed.broadcast_state(self.model)  # one process: nothing
 
     def _autocast(self):
         return runtime.autocast(self.device, self.dtype)
@@ -130,19 +157,25 @@ class Trainer:
         return self.checkpoints / f"epoch-{epoch}.pt"
 
     def resume(self) -> int:
-        """Load the latest epoch checkpoint, if any; returns the number of epochs already done."""
+        """Load the latest epoch checkpoint, if any; returns the number of epochs already done.
+        Several processes: the latest that rank 0 finds, loaded by every rank."""
         done = sorted(
             int(p.stem.split("-")[1])
             for p in self.checkpoints.glob("epoch-*.pt")
             if p.stem.split("-")[1].isdigit()
         )
-        if not done:
+        latest = distributed.broadcast_int(done[-1] if done else 0)
+        if not latest:
             return 0
-        state = torch.load(self.checkpoint_path(done[-1]), map_location=self.device, weights_only=False)
-        if state["optimisation"] != asdict(self.cfg):
-            raise ValueError(
-                f"{self.checkpoint_path(done[-1])}: written with other settings; delete it to restart"
+        path = self.checkpoint_path(latest)
+        if not path.is_file():
+            raise InputError(
+                f"{path}: rank {self.ctx.rank} does not see the checkpoint that rank 0 resumes from: "
+                "the checkpoints (runtime.scratch) must be in a folder every process sees"
             )
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state["optimisation"] != asdict(self.cfg):
+            raise ValueError(f"{path}: written with other settings; delete it to restart")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
@@ -159,16 +192,23 @@ class Trainer:
         on_epoch: Callable[[int], dict[str, float]] | None = None,
     ) -> list[dict]:
         """Run the remaining epochs. `data(epoch)` must depend only on the epoch (seeded order);
-        `on_epoch(epoch)` returns validation metrics, stored in the history and checkpoint."""
+        `on_epoch(epoch)` returns validation metrics, stored in the history and checkpoint.
+        Several processes: `data(epoch)` yields this rank's share of each global batch (the same
+        number of batches on every rank), the recorded loss terms are their mean over the ranks
+        (the global batch's, when `loss_fn` gathers), and `on_step`/`on_epoch` run on every rank."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         start = self.resume()
         for epoch in range(start + 1, self.cfg.epochs + 1):
-            torch.manual_seed(self.cfg.seed * 1_000_003 + epoch)  # dropout etc.: fixed by the epoch
+            # dropout etc.: fixed by the epoch (and the rank)
+            torch.manual_seed(self.cfg.seed * 1_000_003 + epoch + self.ctx.rank * RANK_SEED_STRIDE)
             self.train_mode(self.model)
             sums: dict[str, float] = {}
             n = 0
             bar = tqdm(
-                total=self.steps_per_epoch, desc=f"epoch {epoch}", disable=not self.progress, leave=False
+                total=self.steps_per_epoch,
+                desc=f"epoch {epoch}",
+                disable=not (self.progress and self.ctx.is_main),
+                leave=False,
             )
             self.opt.zero_grad(set_to_none=True)
             for i, batch in enumerate(data(epoch)):
@@ -182,7 +222,8 @@ class Trainer:
                     lr = self._lr()  # the rate this step used
                     self._step()
                     bar.update()
-                    record = {k: float(v.detach()) for k, v in terms.items()} | {"lr": lr}
+                    terms_now = {k: float(v.detach()) for k, v in terms.items()}
+                    record = distributed.mean_over_ranks(terms_now) | {"lr": lr}
                     self.steps.append({"step": self.sched.last_epoch, "epoch": epoch, **record})
                     if on_step is not None:
                         on_step(self.sched.last_epoch, record)
@@ -190,22 +231,27 @@ class Trainer:
                 self._step()
             bar.close()
             self.model.eval()
+            sums = distributed.mean_over_ranks(sums)
             record = {"epoch": epoch, **{f"train_{k}": v / max(1, n) for k, v in sums.items()}}
             if on_epoch is not None:
                 record.update(on_epoch(epoch))
             self.history.append(record)
-            atomic_torch_save(self.state(epoch), self.checkpoint_path(epoch))
+            if self.ctx.is_main:
+                atomic_torch_save(self.state(epoch), self.checkpoint_path(epoch))
+            distributed.barrier()  # the others go on once the checkpoint is whole
         return self.history
 
     def _lr(self) -> float:
         return self.opt.param_groups[0]["lr"]
 
     def _step(self) -> None:
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        distributed.average_gradients(params)  # one process: nothing
         if self.cfg.grad_clip is not None:
             self.scaler.unscale_(self.opt)
-            params = [p for g in self.opt.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
+        distributed.broadcast_state(self.model, buffers_only=True)  # one process: nothing
