@@ -446,3 +446,7 @@ def config_use(
 
 def main() -> None:  # pragma: no cover - the console script
     sys.exit(app())
+
+
+if __name__ == "__main__":  # `python -m stages.cli …`: how torchrun starts a training stage's processes
+    main()

@@ -8,14 +8,16 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import distill
-from pipeline.config import load_params, settings
+import torch
+
+from pipeline import distill, distributed
+from pipeline.config import Params, load_params, settings
 from pipeline.errors import ParamsError
 from pipeline.models.clip import create, save_checkpoint
-from pipeline.runtime import pick_device
 from pipeline.shards import verify_shards
 from pipeline.train import Optimisation
-from stages.outputs import METRICS_DIR, LiveCurves, prune_runs, require, write_record
+from stages import launch
+from stages.outputs import METRICS_DIR, LiveCurves, prune_runs, read_record, require, write_record
 
 # Everything but the losses: to metrics/info/distill.json (pipeline/records.py).
 INFO_KEYS = frozenset(
@@ -26,6 +28,9 @@ LIVE_DIR = Path("metrics/distill")
 
 
 def run(params_file: Path, progress: bool = True) -> dict:
+    """The stage. runtime.processes > 1: run through torchrun (stages/launch.py), and return the
+    record it wrote; in a data-parallel run, every rank trains and rank 0 alone writes the
+    outputs (the others return an empty record)."""
     params = load_params(params_file, only=("clip", "curate", "embed", "teacher", "distill", "runtime"))
     root = params_file.parent
     cfg, rt = params.distill, params.runtime
@@ -42,8 +47,25 @@ def run(params_file: Path, progress: bool = True) -> dict:
             (manifest, "curate"),
         ],
     )
+    if launch.relaunched(params_file, "distill", rt.processes, cfg.batch_size, "distill.batch_size"):
+        return read_record(root / METRICS_DIR, "distill")
     shards = verify_shards(train, manifest)  # a short or cut shard is named before any work
-    device = pick_device(rt.device)
+    with distributed.joined(rt.device) as (ctx, device):
+        return _train(params_file, params, shards, ctx, device, progress)
+
+
+def _train(
+    params_file: Path,
+    params: Params,
+    shards: list[Path],
+    ctx: distributed.Context,
+    device: torch.device,
+    progress: bool,
+) -> dict:
+    root = params_file.parent
+    cfg, rt = params.distill, params.runtime
+    embeddings, targets_file = root / params.embed.out, root / params.teacher.targets
+    weights_path = root / params.clip.checkpoint
     model, preprocess, _ = create(params.clip.model, str(weights_path), device)
     model.float()
     from pipeline.models.student import checkpoint_activations, trainable_names
@@ -60,7 +82,9 @@ def run(params_file: Path, progress: bool = True) -> dict:
     inputs = [*shards, embeddings / "captions.parquet", targets_file]
     if cfg.lambda_anchor > 0:
         inputs.append(embeddings / "images.parquet")
-    key = distill.run_key(params.clip.model, str(weights_path), step, opt, inputs, device)
+    key = distill.run_key(
+        params.clip.model, str(weights_path), step, opt, inputs, device, processes=ctx.world_size
+    )
     scratch = root / rt.scratch / "distill"
     live = LiveCurves(root / LIVE_DIR)
     start = time.perf_counter()
@@ -75,9 +99,11 @@ def run(params_file: Path, progress: bool = True) -> dict:
         device,
         rt.workers,
         progress,
-        on_step=lambda s, losses: live.log({"step": s, **losses}),
+        on_step=(lambda s, losses: live.log({"step": s, **losses})) if ctx.is_main else None,
     )
     seconds = time.perf_counter() - start
+    if not ctx.is_main:  # done after the last checkpoint's barrier (and the text tower's check)
+        return {}
     save_checkpoint(model.cpu(), root / cfg.out)
     metrics = {
         "images": distill.count_images(targets),

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline import teach, teacher_pairs, teacher_validation
-from pipeline.config import load_params, settings
+from pipeline import distributed, teach, teacher_pairs, teacher_validation
+from pipeline.config import Params, load_params, settings
 from pipeline.errors import InputError, ParamsError
 from pipeline.files import atomic_file
 from pipeline.models.teacher import TeacherConfig
-from pipeline.runtime import pick_device
 from pipeline.shards import verify_shards
 from pipeline.train import Optimisation
-from stages.outputs import METRICS_DIR, LiveCurves, prune_runs, require, write_record
+from stages import launch
+from stages.outputs import METRICS_DIR, LiveCurves, prune_runs, read_record, require, write_record
 
 # What is not a figure of the teacher: to metrics/info/teacher.json (pipeline/records.py).
 INFO_KEYS = frozenset(
@@ -31,11 +31,18 @@ LIVE_DIR = Path("metrics/teacher")
 
 
 def run(params_file: Path, progress: bool = True) -> dict:
+    """The stage. runtime.processes > 1: run through torchrun (stages/launch.py), and return the
+    record it wrote; in a data-parallel run, every rank trains and rank 0 alone writes the
+    outputs (the others return an empty record)."""
     params = load_params(params_file, only=("teacher", "embed", "runtime"))
     root = params_file.parent
     cfg = params.teacher
     folder, captions = root / params.embed.out / "teacher", root / params.embed.out / "captions.parquet"
     require(params_file, [(folder, "embed"), (captions, "embed")])
+    if launch.relaunched(
+        params_file, "train-teacher", params.runtime.processes, cfg.batch_size, "teacher.batch_size"
+    ):
+        return read_record(root / METRICS_DIR, "teacher")
     # Every teacher shard against embed's table of its pairs: a short or cut shard is named here.
     shards = tuple(verify_shards(folder, captions))
     if not shards:
@@ -45,7 +52,21 @@ def run(params_file: Path, progress: bool = True) -> dict:
         raise ParamsError(
             f"{params_file}: teacher.heads: {cfg.heads} does not divide the embedding width {dim}"
         )
-    device = pick_device(params.runtime.device)
+    with distributed.joined(params.runtime.device) as (ctx, device):
+        return _train(params_file, params, shards, dim, ctx, device, progress)
+
+
+def _train(
+    params_file: Path,
+    params: Params,
+    shards: tuple[Path, ...],
+    dim: int,
+    ctx: distributed.Context,
+    device: torch.device,
+    progress: bool,
+) -> dict:
+    root = params_file.parent
+    cfg = params.teacher
     model_cfg = settings(
         TeacherConfig, cfg, dim=dim, inputs="regions" if cfg.target == "regions" else "regions_and_caption"
     )
@@ -54,7 +75,7 @@ def run(params_file: Path, progress: bool = True) -> dict:
     opt = settings(Optimisation, cfg, optimizer="adam", accumulate=1, amp="auto")
     prior = model_cfg.inputs == "regions"
     data = teacher_pairs.Data(shards, cfg.batch_size, cfg.val_fraction, cfg.seed, prior=prior)
-    key = teach.run_key(model_cfg, step, opt, data, device)
+    key = teach.run_key(model_cfg, step, opt, data, device, processes=ctx.world_size)
     scratch = root / params.runtime.scratch / "teacher"
     checkpoints = scratch / key
     # Curves only: the validation slice's sizes are constants, in metrics/info/teacher.json.
@@ -72,10 +93,12 @@ def run(params_file: Path, progress: bool = True) -> dict:
         data,
         checkpoints,
         device,
-        on_epoch_end=epoch_done,
+        on_epoch_end=epoch_done if ctx.is_main else None,
         progress=progress,
     )
     seconds = time.perf_counter() - start
+    if not ctx.is_main:  # done after the last checkpoint's barrier: rank 0 writes the targets
+        return {}
     try:
         use_epoch = teacher_validation.best_epoch(history) if cfg.use_epoch == "best" else cfg.use_epoch
     except ValueError as err:
