@@ -42,6 +42,10 @@ def vectors_table(path, key_name, keys, matrix):
 
 @pytest.fixture()
 def world(tmp_path):
+    return make_world(tmp_path)
+
+
+def make_world(tmp_path):
     """Curated-style shards of N pairs (the last pair lacks a cache entry, as if embed refused
     it) and an embed cache + teacher targets for the others."""
     torch.manual_seed(0)
