@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import backend as be
+from pipeline import parallel
 from pipeline.config import load_params, settings
 from pipeline.curate import Decoder, prepare
 from pipeline.detect import Settings as DetectSettings
@@ -217,7 +218,7 @@ def main() -> None:
 
     def run_eval(backend: be.Backend) -> None:
         if backend.kind == "local":
-            SetEncoder(load_eval(), batch, backend.threads, progress=False).images(
+            SetEncoder(load_eval(), batch, parallel.count(backend.threads), progress=False).images(
                 curated / "train", keys, names
             )
             return

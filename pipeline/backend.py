@@ -51,7 +51,7 @@ class Backend:
     workers: int | None = None  # Ray workers; None: one per GPU share, else as many as the CPUs allow
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_worker: int | None = None  # CPUs a worker reserves, and its torch threads
-    threads: int = 2  # runtime.workers: a worker's decode threads (processes in curate)
+    threads: parallel.Count = 2  # runtime.workers: a worker's decode threads (processes in curate)
 
     @classmethod
     def of(cls, runtime: Any) -> Backend:
@@ -140,6 +140,7 @@ class _Actor:
 
     def __init__(self, factory: Callable[[], Any], threads: int):
         torch.set_num_threads(threads)
+        parallel.share_cores(threads)  # runtime.workers "auto": one decode thread per CPU reserved
         self.worker = factory()
 
     def ask(self, method: str, args: tuple) -> Any:
@@ -301,9 +302,9 @@ def _call(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
 
 
 @contextmanager
-def _local_processes(workers: int) -> Iterator[tuple[Executor | None, int]]:
+def _local_processes(workers: parallel.Count) -> Iterator[tuple[Executor | None, int]]:
     with parallel.pool(workers, "processes") as executor:
-        yield executor, workers
+        yield executor, parallel.count(workers)
 
 
 @contextmanager

@@ -598,7 +598,9 @@ class Runtime(Section):
     batch sizes are not here: they change what is learnt (teacher.batch_size, distill.batch_size)."""
 
     device: Device = "auto"  # auto: CUDA (with AMP where a stage uses it), else cpu; or cpu, cuda, cuda:N
-    workers: PositiveInt = 2  # decoding (world: painting) processes or threads per stage; 1: in its own
+    # decoding (world: painting) processes or threads per stage (per Ray worker, per training
+    # process); 1: in its own process; auto: one per core of its share of the machine
+    workers: PositiveInt | Literal["auto"] = 2
     batch_size: InferenceBatches = InferenceBatches()
     scratch: PathStr = "data/scratch"  # resumable parts of killed runs, one folder per stage under it
     # distill: recompute the image tower's transformer activations in the backward pass instead of
@@ -611,6 +613,14 @@ class Runtime(Section):
     # train_teacher and distill: data-parallel processes on this machine (torch.distributed, launched
     # through torchrun by the stage itself); a multi-node run is launched by torchrun or srun instead
     processes: PositiveInt = 1
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _count_or_auto(cls, v: Any) -> Any:
+        # The union alone would report two errors and take True for 1.
+        if not ((type(v) is int and v > 0) or v == "auto"):
+            raise ValueError("must be a whole number above 0 or 'auto'")
+        return v
 
 
 SCRATCH_FOLDERS = ("detect", "embed", "teacher", "distill")  # the stages that resume, under runtime.scratch

@@ -239,7 +239,7 @@ def run_key(detector: Detector, settings: Settings) -> str:
 class Worker(parts.PartMaker):
     """A detect worker (pipeline.backend): its model, loaded once, and its decode threads."""
 
-    def __init__(self, model: Detector | Callable[[], Detector], settings: Settings, threads: int):
+    def __init__(self, model: Detector | Callable[[], Detector], settings: Settings, threads: parallel.Count):
         self.detector = model if isinstance(model, Detector) else model()
         self.settings = settings
         self._stack = ExitStack()
@@ -262,7 +262,7 @@ def detect(
     scratch: Path,
     detector: Detector | Callable[[], Detector],
     settings: Settings,
-    workers: int = 2,
+    workers: parallel.Count = 2,
     progress: bool = True,
     backend: Backend = LOCAL,
 ) -> dict:

@@ -36,6 +36,7 @@ from typing import TypeVar, overload
 import torch
 import torch.distributed as dist
 
+from pipeline import parallel
 from pipeline.errors import InputError, ParamsError
 
 T = TypeVar("T")
@@ -124,7 +125,7 @@ def launch(processes: int, argv: Sequence[str]) -> int:
     user set it, OMP_NUM_THREADS is the cores shared among the processes (torchrun would set 1,
     and say so), as `joined` sets torch's threads."""
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // processes)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, parallel.machine_cores() // processes)))
     return subprocess.run(torchrun_command(processes, argv), env=env).returncode
 
 
@@ -135,13 +136,6 @@ def check_batch_size(batch_size: int, world_size: int, param: str) -> None:
             f"{param}: {batch_size} does not divide by the {world_size} processes (runtime.processes, "
             "or WORLD_SIZE under torchrun / srun): each process takes an equal share of every batch"
         )
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @contextmanager
@@ -157,6 +151,9 @@ def joined(device_name: str = "auto") -> Iterator[tuple[Context, torch.device]]:
     if not ctx.distributed:
         yield ctx, pick_device(device_name)
         return
+    # runtime.workers "auto": this rank's decode threads, one per core of its share
+    share = max(1, parallel.machine_cores() // ctx.local_world_size)
+    parallel.share_cores(share)
     device = pick_device(device_name, quiet=not ctx.is_main)
     if device.type == "cuda":
         if device.index is not None:
@@ -172,13 +169,14 @@ def joined(device_name: str = "auto") -> Iterator[tuple[Context, torch.device]]:
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:
-        torch.set_num_threads(max(1, cpu_cores() // ctx.local_world_size))
+        torch.set_num_threads(share)
         dist.init_process_group("gloo")
     if ctx.is_main:
         print(f"data-parallel: {ctx.world_size} processes, {dist.get_backend()}", file=sys.stderr)
     yield ctx, device
     # Not on an error: the others may be waiting in a collective; torchrun stops them.
     dist.destroy_process_group()
+    parallel.share_cores(None)
 
 
 def barrier() -> None:

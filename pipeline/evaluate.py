@@ -214,7 +214,7 @@ class Worker:
     """An evaluate worker (pipeline.backend): the model, loaded once, encoding whole shards and
     chunks of texts with the same batches as SetEncoder, so that its embeddings are the same."""
 
-    def __init__(self, load: Callable[[], clip.Encoder], batch_size: int, threads: int):
+    def __init__(self, load: Callable[[], clip.Encoder], batch_size: int, threads: parallel.Count):
         self.encoder = load()
         self.local = SetEncoder(self.encoder, batch_size, 0, progress=False)
         self._stack = ExitStack()

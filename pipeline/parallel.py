@@ -10,6 +10,7 @@ input iterator is pulled only as results are taken: memory holds a window, not a
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -21,21 +22,50 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 Kind = Literal["threads", "processes"]
+Count = int | Literal["auto"]  # runtime.workers: a number, or "auto": the cores this process may use
+
+_share: int | None = None  # this process's share of the machine's cores, when it has been given one
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as taskset or Slurm set it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def share_cores(cores: int | None) -> None:
+    """Give this process `cores` of the machine (a Ray worker: the CPUs it reserved; a
+    data-parallel rank: the machine's cores divided among the ranks); None: all of them."""
+    global _share
+    _share = cores
+
+
+def cores() -> int:
+    """The cores this process may use: its share (`share_cores`), else the machine's."""
+    return _share if _share is not None else machine_cores()
+
+
+def count(workers: Count) -> int:
+    """A number of decode workers: as given, or for "auto" one per core of this process's share.
+    Decoding gives the same results for any number, so "auto" changes speed only."""
+    return max(1, cores()) if workers == "auto" else workers
 
 
 @overload
 def pool(
-    workers: int, kind: Literal["threads"] = "threads", name: str = "worker"
+    workers: Count, kind: Literal["threads"] = "threads", name: str = "worker"
 ) -> AbstractContextManager[Executor]: ...
 @overload
-def pool(workers: int, kind: Kind, name: str = "worker") -> AbstractContextManager[Executor | None]: ...
+def pool(workers: Count, kind: Kind, name: str = "worker") -> AbstractContextManager[Executor | None]: ...
 def pool(
-    workers: int, kind: Kind = "threads", name: str = "worker"
+    workers: Count, kind: Kind = "threads", name: str = "worker"
 ) -> AbstractContextManager[Executor | None]:
     """An executor for `ordered_map`: threads, or spawned processes (not forked: the caller may
     have started threads — torch, BLAS — before us). Processes with workers ≤ 1 give None: the
-    work then runs in this process, with the same results."""
-    return _pool(workers, kind, name)
+    work then runs in this process, with the same results. "auto": `count`."""
+    return _pool(count(workers), kind, name)
 
 
 @contextmanager

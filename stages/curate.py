@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from pipeline import parallel
 from pipeline.backend import Backend
 from pipeline.captions import clip_token_counter
 from pipeline.config import Params, load_params, settings
@@ -52,7 +53,9 @@ def run(params_file: Path, info_file: Path = INFO, progress: bool = True) -> dic
     cfg = params.curate
     step = settings(Settings, cfg, mix=cfg.mix.model_dump(), max_tokens=max_tokens)
     rt = params.runtime
-    metrics = curate(step, paths, root / cfg.out, count_tokens, rt.workers, progress, Backend.of(rt))
+    metrics = curate(
+        step, paths, root / cfg.out, count_tokens, parallel.count(rt.workers), progress, Backend.of(rt)
+    )
     seconds = time.perf_counter() - start
     write_json(root / info_file, metrics)
     pairs = {s: m["kept_pairs"] for s, m in metrics["train"].items() if s != "total"}

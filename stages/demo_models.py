@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import parallel
 from pipeline.config import World, load_params
 from pipeline.demo import cards as quality_of
 from pipeline.demo.cards import ClipHeldOut, DetectorHeldOut, WorldDraw
@@ -67,7 +68,7 @@ def run(
 ) -> None:
     # Only the world section: the other sections point at the weights this command makes.
     params = load_params(params_file, only=("world", "runtime"))
-    cfg, workers = params.world, params.runtime.workers
+    cfg, workers = params.world, parallel.count(params.runtime.workers)
     draw = WorldDraw.of(cfg)
     start = time.perf_counter()
     if only in ("both", "clip"):
@@ -156,7 +157,7 @@ def cards(params_file: Path, weights: Path = WEIGHTS, only: str = "both") -> dic
     with the params' world settings, which must have the card's world seed. Returns the new
     quality of each card, by file name."""
     params = load_params(params_file, only=("world", "runtime"))
-    cfg, workers = params.world, params.runtime.workers
+    cfg, workers = params.world, parallel.count(params.runtime.workers)
     out = {}
     if only in ("both", "clip"):
         path = weights / CLIP_FILE.name

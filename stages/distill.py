@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import distill, distributed
+from pipeline import distill, distributed, parallel
 from pipeline.config import Params, load_params, settings
 from pipeline.errors import ParamsError
 from pipeline.models.clip import create, save_checkpoint
@@ -97,7 +97,7 @@ def _train(
         preprocess,
         scratch / key,
         device,
-        rt.workers,
+        parallel.count(rt.workers),  # "auto": this process's share of the cores
         progress,
         on_step=(lambda s, losses: live.log({"step": s, **losses})) if ctx.is_main else None,
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from pipeline import parallel
 from pipeline.backend import Backend
 from pipeline.config import Clip, ParamsError, load_params, looks_like_path
 from pipeline.evaluate import (
@@ -75,7 +76,7 @@ def run(
     with contextlib.ExitStack() as stack:
         encoder: Encodes
         if backend.kind == "local":
-            encoder = SetEncoder(load(), rt.batch_size.evaluate, rt.workers, progress)
+            encoder = SetEncoder(load(), rt.batch_size.evaluate, parallel.count(rt.workers), progress)
         else:  # every Ray worker loads its own copy, on its own device
             workers = stack.enter_context(
                 backend.start(partial(Worker, load, rt.batch_size.evaluate, rt.workers))

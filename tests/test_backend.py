@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pipeline import backend as be
-from pipeline import parts
+from pipeline import parallel, parts
 from pipeline.errors import InputError
 from tests.helpers import restore, sh
 
@@ -109,6 +109,37 @@ def test_workers_that_would_compute_other_bytes_are_an_error(ray_here):
     with RAY.start(Disagree) as workers:
         with pytest.raises(InputError, match="disagree on key"):
             workers.ask("key")
+
+
+class DecodeWorkers:
+    """A worker that reports how many decode workers runtime.workers `setting` gives it."""
+
+    def __init__(self, setting: parallel.Count):
+        self.count = parallel.count(setting)
+
+    def key(self) -> int:
+        return self.count
+
+
+def test_auto_decode_workers_follow_the_cores_a_process_is_given(monkeypatch):
+    monkeypatch.setattr(parallel, "_share", None)
+    assert (
+        parallel.count("auto") == parallel.cores() == parallel.machine_cores() == len(os.sched_getaffinity(0))
+    )
+    assert parallel.count(3) == 3
+    parallel.share_cores(5)
+    assert parallel.count("auto") == 5 and parallel.count(2) == 2
+    parallel.share_cores(None)
+    assert parallel.count("auto") == parallel.machine_cores()
+
+
+def test_auto_decode_workers_of_a_ray_worker_are_the_cpus_it_reserved(ray_here):
+    with RAY.start(partial(DecodeWorkers, "auto")) as workers:  # 1 CPU each
+        assert workers.ask("key") == 1
+    with be.Backend("ray", workers=1, cpus_per_worker=2).start(partial(DecodeWorkers, "auto")) as workers:
+        assert workers.ask("key") == 2
+    with RAY.start(partial(DecodeWorkers, 3)) as workers:  # a number stays that number
+        assert workers.ask("key") == 3
 
 
 def test_placement_follows_the_cluster():

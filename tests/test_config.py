@@ -81,7 +81,9 @@ def test_empty_file_takes_every_default(tmp_path):
         (("curate", "caption", "max_tokens"), 2, "curate.caption.max_tokens: Input should be greater than or equal to 3 (value 2)"),
         (("curate", "jpeg_quality"), 101, "curate.jpeg_quality: Input should be less than or equal to 100 (value 101)"),
         (("curate", "image_size"), 0, "curate.image_size: Input should be greater than 0 (value 0)"),
-        (("runtime", "workers"), 0, "runtime.workers: Input should be greater than 0 (value 0)"),
+        (("runtime", "workers"), 0, "runtime.workers: must be a whole number above 0 or 'auto' (value 0)"),
+        (("runtime", "workers"), "all", "runtime.workers: must be a whole number above 0 or 'auto' (value 'all')"),
+        (("runtime", "workers"), True, "runtime.workers: must be a whole number above 0 or 'auto' (value True)"),
         (("curate", "workers"), 2, "curate.workers: unknown key (value 2)"),  # a runtime key now
         (("runtime", "batch_size", "embed"), 0, "runtime.batch_size.embed: Input should be greater than 0 (value 0)"),
         (("curate", "out"), " ", "curate.out: must be a non-empty path (value ' ')"),

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from pipeline import distill, distributed, teach, teacher_pairs
+from pipeline import distill, distributed, parallel, teach, teacher_pairs
 from pipeline.errors import ParamsError
 from pipeline.losses import DistillWeights, distill_loss, info_nce
 from pipeline.models.teacher import TeacherConfig, TeacherWithScale
@@ -488,11 +488,12 @@ def test_the_torchrun_command_line(monkeypatch):
 
 JOIN_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
-from pipeline import distributed
+from pipeline import distributed, parallel
 with distributed.joined("cpu") as (ctx, device):
     x = distributed.gather(torch.tensor([[float(ctx.rank)]]))
     record = {"ctx": [ctx.rank, ctx.world_size, ctx.local_rank, ctx.local_world_size],
-              "backend": dist.get_backend(), "threads": torch.get_num_threads(), "gathered": x.tolist()}
+              "backend": dist.get_backend(), "threads": torch.get_num_threads(), "gathered": x.tolist(),
+              "decode": parallel.count("auto")}
     with open(f"{sys.argv[1]}/rank-{ctx.rank}.json", "w") as f:
         json.dump(record, f)
     distributed.barrier()
@@ -507,7 +508,10 @@ def test_launch_runs_the_processes_under_torchrun_and_each_joins_the_group(tmp_p
     got = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [g["ctx"] for g in got] == [[0, 2, 0, 2], [1, 2, 1, 2]]
     assert {g["backend"] for g in got} == {"gloo"}
-    assert {g["threads"] for g in got} == {max(1, distributed.cpu_cores() // 2)}
+    # torch's threads and the decode workers of runtime.workers "auto": each rank's share of the cores
+    assert (
+        {g["threads"] for g in got} == {g["decode"] for g in got} == {max(1, parallel.machine_cores() // 2)}
+    )
     assert got[0]["gathered"] == got[1]["gathered"] == [[0.0], [1.0]]
 
 

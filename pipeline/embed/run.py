@@ -100,7 +100,7 @@ def read_stored(part: Path, wanted: set[str]) -> dict[str, Stored]:
 class Worker(parts.PartMaker):
     """An embed worker (pipeline.backend): its CLIP encoder, loaded once, and its crop threads."""
 
-    def __init__(self, encoder: Encoder | Callable[[], Encoder], settings: Settings, threads: int):
+    def __init__(self, encoder: Encoder | Callable[[], Encoder], settings: Settings, threads: parallel.Count):
         self.encoder = encoder if isinstance(encoder, Encoder) else encoder()
         self.settings = settings
         self._stack = ExitStack()
@@ -152,7 +152,7 @@ def embed(
     scratch: Path,
     encoder: Encoder | Callable[[], Encoder],
     settings: Settings,
-    workers: int = 2,
+    workers: parallel.Count = 2,
     progress: bool = True,
     backend: Backend = LOCAL,
 ) -> dict:
