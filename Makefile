@@ -36,7 +36,7 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15  # the slowest tests in the log, to keep CI short
 
 # mypy checks the files that pyproject.toml's [tool.mypy] names: pipeline/ and stages/.
 lint: $(STAMP)
