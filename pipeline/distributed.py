@@ -142,9 +142,11 @@ def check_batch_size(batch_size: int, world_size: int, param: str) -> None:
 def joined(device_name: str = "auto") -> Iterator[tuple[Context, torch.device]]:
     """This process's context and device, as one rank of the run the environment describes:
     the process group is initialised (gloo on the CPU, nccl on CUDA with device cuda:LOCAL_RANK)
-    and destroyed on the way out. On the CPU, torch's threads are the cores shared among this
-    machine's processes (at least one each), so that they do not oversubscribe the cores. One
-    process (no WORLD_SIZE): nothing is initialised and nothing is changed."""
+    and destroyed on the way out; a group the caller initialised already (Ray Train's
+    TorchTrainer starts its own) is used as it is and left to the caller. On the CPU, torch's
+    threads are the cores shared among this machine's processes (at least one each), so that they
+    do not oversubscribe the cores. One process (no WORLD_SIZE): nothing is initialised and
+    nothing is changed."""
     from pipeline.runtime import pick_device
 
     ctx = from_env()
@@ -167,15 +169,25 @@ def joined(device_name: str = "auto") -> Iterator[tuple[Context, torch.device]]:
             )
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
     else:
         torch.set_num_threads(share)
-        dist.init_process_group("gloo")
+    ours = not initialised()
+    if ours:
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    if (dist.get_rank(), dist.get_world_size()) != (ctx.rank, ctx.world_size):
+        raise InputError(
+            f"the process group (rank {dist.get_rank()} of {dist.get_world_size()}) is not the one the "
+            f"environment describes (RANK {ctx.rank}, WORLD_SIZE {ctx.world_size})"
+        )
     if ctx.is_main:
         print(f"data-parallel: {ctx.world_size} processes, {dist.get_backend()}", file=sys.stderr)
     yield ctx, device
     # Not on an error: the others may be waiting in a collective; torchrun stops them.
-    dist.destroy_process_group()
+    if ours:
+        dist.destroy_process_group()
     parallel.share_cores(None)
 
 

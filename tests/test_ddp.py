@@ -441,6 +441,28 @@ def test_a_batch_that_does_not_divide_by_the_processes_is_refused_naming_the_par
 # --- launch -------------------------------------------------------------------------------------
 
 
+def join_a_started_group(rank: int, out: str) -> None:
+    """As under Ray Train's TorchTrainer: the group started before the stage, the torchrun
+    variables set."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank))
+    with distributed.joined("cpu") as (ctx, _):
+        gathered = distributed.gather(torch.tensor([[float(rank)]]))
+    record = {
+        "ctx": [ctx.rank, ctx.world_size],
+        "gathered": gathered.tolist(),
+        "still": dist.is_initialized(),
+    }
+    (Path(out) / f"rank-{rank}.json").write_text(json.dumps(record))
+
+
+def test_a_process_group_started_by_the_caller_is_joined_and_left_to_it(tmp_path):
+    spawn(join_a_started_group, 2, tmp_path, str(tmp_path))
+    got = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [g["ctx"] for g in got] == [[0, 2], [1, 2]]
+    assert got[0]["gathered"] == got[1]["gathered"] == [[0.0], [1.0]]
+    assert all(g["still"] for g in got)  # not destroyed: the caller's
+
+
 def test_the_torchrun_command_line(monkeypatch):
     from stages import launch
 
