@@ -126,12 +126,6 @@ def epoch_pairs(data: Data, epoch: int) -> Iterator[list[Pair]]:
         yield batch
 
 
-def train_batches(data: Data, epoch: int) -> Iterator[PairBatch]:
-    """`epoch_pairs`, collated."""
-    for batch in epoch_pairs(data, epoch):
-        yield collate(batch, data.prior)
-
-
 def validation_pairs(data: Data) -> list[Pair]:
     return [
         p

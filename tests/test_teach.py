@@ -109,15 +109,18 @@ def test_an_epoch_visits_every_training_pair_once_in_a_seeded_order(cache):
     val = {p.key for p in teacher_pairs.validation_pairs(d)}
     assert val and teacher_pairs.count_training_pairs(d) == len(keys) - len(val)
 
+    def batches(epoch):
+        return [teacher_pairs.collate(pairs, d.prior) for pairs in teacher_pairs.epoch_pairs(d, epoch)]
+
     def captions(epoch):
-        return [tuple(c.tolist()) for b in teacher_pairs.train_batches(d, epoch) for c in b.caption]
+        return [tuple(c.tolist()) for b in batches(epoch) for c in b.caption]
 
     one = captions(1)
     assert len(one) == len(set(one)) and len(one) >= len(keys) - len(val) - 1  # a last single pair drops
     assert one == captions(1) and one != captions(2)
-    batches = list(teacher_pairs.train_batches(d, 1))
-    assert all(b.regions.shape[0] == b.caption.shape[0] <= 7 for b in batches)
-    assert all(torch.allclose(b.caption.norm(dim=-1), torch.ones(len(b.caption))) for b in batches)
+    first = batches(1)
+    assert all(b.regions.shape[0] == b.caption.shape[0] <= 7 for b in first)
+    assert all(torch.allclose(b.caption.norm(dim=-1), torch.ones(len(b.caption))) for b in first)
 
 
 def settings(epochs=4):
